@@ -1,0 +1,1 @@
+"""Report-stage analysis: statistics and table importers over run outputs (pandas, numpy, scipy; no Ray)."""

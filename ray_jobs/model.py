@@ -1,0 +1,56 @@
+"""Base-model driver: resolves ``model.name`` to a folder; for ``tiny`` builds the offline tiny LLaVA once.
+
+A hub id or local folder is used as it is. ``tiny`` is built from config, instruction-tuned on synthetic
+charts, and stored as a ``model-<hash>`` artifact, so every later run with the same settings reuses it.
+
+    python -m ray_jobs.model configs/tiny.yaml
+"""
+
+from __future__ import annotations
+
+import time
+
+from ray_jobs.session import parse_args, stage
+from vlm_posttrain.config import ExperimentConfig
+from vlm_posttrain.store import RunStore, build_manifest, digest
+
+
+def model_key(cfg: ExperimentConfig) -> str:
+    return digest("model", cfg.section("model"), cfg.run.seed)
+
+
+def run(cfg: ExperimentConfig, store: RunStore) -> str:
+    """The base model's folder (or hub id) that every stage loads."""
+    if cfg.model.name != "tiny":
+        return cfg.model.name
+    from vlm_posttrain.tiny import build_tiny_base
+
+    key = model_key(cfg)
+
+    def build() -> None:
+        staging = store.staging("model", key)
+        start = time.time()
+        metrics = build_tiny_base(
+            staging, cfg.model.tiny_pretrain_examples, cfg.model.tiny_pretrain_epochs, cfg.run.seed
+        )
+        manifest = build_manifest(
+            "model",
+            cfg.section("model"),
+            {},
+            cfg.run.seed,
+            metrics=metrics,
+            timings={"build_s": time.time() - start},
+        )
+        store.publish(staging, "model", key, manifest)
+
+    path = stage("model", key, store, build)
+    return str(store.local_path("model", key)) if not store.is_local else path
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg, store = parse_args(__doc__, argv)
+    print(run(cfg, store))
+
+
+if __name__ == "__main__":
+    main()

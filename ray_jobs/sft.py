@@ -1,0 +1,152 @@
+"""SFT stage driver: the LoRA/QLoRA hyperparameter grid as Ray Tune trials sharing the GPU (or the CPUs).
+
+Each grid point of ``sft.grid`` is one trial running TRL's SFTTrainer (``trainables/sft.py``). Trials ask
+for ``resources.cpus_per_trial`` / ``resources.gpus_per_trial`` (a fraction shares one GPU) and at most
+``resources.max_concurrent_trials`` run at once. Tune keeps the best checkpoint of each trial by
+``eval_loss``; an interrupted grid resumes with ``Tuner.restore``. The artifact holds each trial's best
+adapter under ``adapters/<trial_id>/`` (loadable with ``PeftModel.from_pretrained``) and the trial table.
+
+    python -m ray_jobs.sft configs/tiny.yaml [key=value ...]
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from ray_jobs import data as data_job
+from ray_jobs import model as model_job
+from ray_jobs.session import connect, parse_args, stage
+from vlm_posttrain.config import GRID_KEYS, ExperimentConfig
+from vlm_posttrain.store import RunStore, build_manifest, digest
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+TABLE = "trials.parquet"
+
+
+def sft_key(cfg: ExperimentConfig, base: str, data_id: str) -> str:
+    return digest("sft", cfg.section("sft"), base, data_id, cfg.run.seed)
+
+
+def param_space(cfg: ExperimentConfig) -> dict:
+    from ray import tune
+
+    fixed = {k: getattr(cfg.sft, k) for k in GRID_KEYS if k not in cfg.sft.grid}
+    return {**fixed, **{k: tune.grid_search(v) for k, v in cfg.sft.grid.items()}}
+
+
+def make_tuner(cfg: ExperimentConfig, store: RunStore, key: str, base_dir: str, data_dir: str):
+    from ray import tune
+
+    from trainables.sft import SftSetup, train_sft
+
+    setup = SftSetup(cfg.sft, cfg.model, base_dir, data_dir, cfg.run.seed, cfg.data.bad_rows)
+    trainable = tune.with_resources(
+        tune.with_parameters(train_sft, setup=setup),
+        {"cpu": cfg.resources.cpus_per_trial, "gpu": cfg.resources.gpus_per_trial},
+    )
+    storage, name = store.tune_storage("sft"), f"sft-{key}"
+    path = f"{storage}/{name}"
+    if tune.Tuner.can_restore(path):
+        print(f"[sft] resuming Tune experiment {path}")
+        return tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+    return tune.Tuner(
+        trainable,
+        param_space=param_space(cfg),
+        tune_config=tune.TuneConfig(max_concurrent_trials=cfg.resources.max_concurrent_trials),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=storage,
+            failure_config=tune.FailureConfig(max_failures=cfg.resources.max_failures),
+            checkpoint_config=tune.CheckpointConfig(
+                num_to_keep=1, checkpoint_score_attribute="eval_loss", checkpoint_score_order="min"
+            ),
+            verbose=1,
+        ),
+    )
+
+
+def collect_adapters(results, staging: Path) -> pd.DataFrame:
+    """Copy each trial's best adapter into the artifact and build the trial table (one row per trial)."""
+    errors = [r for r in results if r.error]
+    if errors:
+        raise RuntimeError(f"{len(errors)} SFT trial(s) failed; first error: {errors[0].error}")
+    df = results.get_dataframe()
+    adapters = []
+    for result in results:
+        trial_id = result.metrics["trial_id"]
+        checkpoint = result.get_best_checkpoint("eval_loss", "min")
+        out = staging / "adapters" / trial_id
+        out.mkdir(parents=True)
+        with checkpoint.as_directory() as d:
+            for name in ADAPTER_FILES:
+                shutil.copy2(Path(d) / name, out / name)
+        best = min((m for _, m in result.best_checkpoints), key=lambda m: m["eval_loss"])
+        info = {"trial_id": trial_id, "config": result.config, "best_eval_loss": best["eval_loss"]}
+        (out / "trial.json").write_text(json.dumps(info, indent=2, default=str))
+        adapters.append(
+            {"trial_id": trial_id, "adapter": f"adapters/{trial_id}", "best_eval_loss": best["eval_loss"]}
+        )
+    df = df.merge(pd.DataFrame(adapters), on="trial_id")
+    first = ["trial_id", *[c for c in df.columns if c.startswith("config/")]]
+    first += ["train_loss", "eval_loss", "best_eval_loss", "epoch", "time_total_s", "adapter"]
+    return df[[c for c in first if c in df.columns] + [c for c in df.columns if c not in first]]
+
+
+def run(cfg: ExperimentConfig, store: RunStore, base_dir: str, data_dir: str) -> str:
+    data_id = Path(data_dir).name
+    key = sft_key(cfg, base_dir if cfg.model.name != "tiny" else Path(base_dir).name, data_id)
+
+    def build() -> None:
+        connect()
+        start = time.time()
+        results = make_tuner(cfg, store, key, base_dir, data_dir).fit()
+        staging = store.staging("sft", key)
+        table = collect_adapters(results, staging)
+        table.to_parquet(staging / TABLE, index=False)
+        best = table.loc[table["best_eval_loss"].idxmin()]
+        manifest = build_manifest(
+            "sft",
+            cfg.section("sft"),
+            {"model": base_dir, "data": data_dir},
+            cfg.run.seed,
+            metrics={
+                "trials": len(table),
+                "best_trial": best["trial_id"],
+                "best_eval_loss": float(best["best_eval_loss"]),
+            },
+            timings={"grid_s": time.time() - start},
+            resources=cfg.section("resources"),
+            tune_experiment=f"{store.tune_storage('sft')}/sft-{key}",
+        )
+        store.publish(staging, "sft", key, manifest)
+
+    path = stage("sft", key, store, build)
+    print_table(pd.read_parquet(Path(store.local_path("sft", key)) / TABLE))
+    return path
+
+
+def print_table(df: pd.DataFrame) -> None:
+    cols = [c for c in df.columns if c.startswith("config/")] + [
+        "train_loss",
+        "eval_loss",
+        "epoch",
+        "time_total_s",
+    ]
+    with pd.option_context("display.width", 160, "display.max_columns", 20):
+        print(df.set_index("trial_id")[[c for c in cols if c in df.columns]].to_string())
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg, store = parse_args(__doc__, argv)
+    base_dir = model_job.run(cfg, store)
+    data_dir = data_job.run(cfg, store)
+    print(run(cfg, store, base_dir, data_dir))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Loading the base VLM and attaching LoRA adapters, the same way in every stage.
+
+A base model is a hub id or a local folder (``model.name``); ``model.load_in_4bit`` loads it as QLoRA's NF4
+base through bitsandbytes, keeping the vision tower, the projector and the LM head unquantized. LoRA goes on
+the language model only (``model.lora_target`` is a regex: PEFT's name lists also hit the CLIP tower).
+The processor always gets this project's chat template (``prompts.LLAVA_15_TEMPLATE``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
+
+from vlm_posttrain.config import ModelConfig
+from vlm_posttrain.prompts import LLAVA_15_TEMPLATE
+
+# Module names match from the start of the path (bitsandbytes' rule): the short names skip nothing.
+SKIP_QUANTIZATION = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
+PROJECTOR = "multi_modal_projector"
+
+
+class ModelLoadError(ValueError):
+    """A model that cannot be loaded: names the path or id and the fix."""
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _check_source(path: str) -> None:
+    local = Path(path).expanduser()
+    looks_local = path.startswith((".", "/", "~")) or local.exists()
+    if looks_local and not (local / "config.json").is_file():
+        raise ModelLoadError(
+            f"model '{path}': no config.json there; point model.name at a saved model folder"
+        )
+    if not looks_local and os.environ.get("HF_HUB_OFFLINE") == "1":
+        cache = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub"
+        if not (cache / f"models--{path.replace('/', '--')}").exists():
+            raise ModelLoadError(
+                f"model '{path}': not a local folder and HF_HUB_OFFLINE=1 with no cached copy; "
+                "download it where the hub is reachable and set model.name to its folder"
+            )
+
+
+def load_processor(path: str, trust_remote_code: bool = False):
+    _check_source(path)
+    processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    processor.chat_template = LLAVA_15_TEMPLATE
+    processor.tokenizer.padding_side = "left"
+    return processor
+
+
+def load_base(path: str, cfg: ModelConfig, device_map: str | None = None):
+    """The base VLM, in 4-bit NF4 when configured. Weights from safetensors only."""
+    _check_source(path)
+    kwargs = {
+        "dtype": _dtype(cfg.compute_dtype),
+        "use_safetensors": True,
+        "trust_remote_code": cfg.trust_remote_code,
+    }
+    if cfg.load_in_4bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=_dtype(cfg.compute_dtype),
+            llm_int8_skip_modules=SKIP_QUANTIZATION,
+        )
+    if device_map:
+        kwargs["device_map"] = device_map
+    model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+    if cfg.load_in_4bit:
+        _fix_cpu_4bit(model)
+    return model
+
+
+def _fix_cpu_4bit(model) -> None:
+    # On CPUs with AVX512-BF16, an inference pass repacks 4-bit weights and later gradients go wrong
+    # (FIELD_NOTES, bitsandbytes trap 3): turn the repacking off on every 4-bit layer.
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def lora_config(r: int, alpha: int, dropout: float, target: str, train_projector: bool) -> LoraConfig:
+    return LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=target,
+        modules_to_save=[PROJECTOR] if train_projector else None,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def attach_lora(model, config: LoraConfig, seed: int):
+    """Wrap the model with a fresh LoRA adapter whose A matrices depend only on (seed, shapes).
+
+    Seeding right before PEFT draws A means trials of the same rank start identical, so an average of
+    their adapters starts from one point (the study's adapters did not).
+    """
+    if getattr(model, "is_loaded_in_4bit", False):
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    torch.manual_seed(seed)
+    return get_peft_model(model, config)
+
+
+def load_adapter(base, adapter_dir: str | Path, trainable: bool = False) -> PeftModel:
+    return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=trainable)

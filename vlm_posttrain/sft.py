@@ -1,0 +1,171 @@
+"""The SFT stage's work: one LoRA (or QLoRA) fine-tuning run of the base VLM with TRL's ``SFTTrainer``.
+
+Each Tune trial (``trainables/sft.py``) calls :func:`train_trial` with its grid point. Examples go to TRL as
+``{"images": [PIL], "messages": [...]}`` rendered by this project's LLaVA-1.5 template, with
+``assistant_only_loss`` so every assistant turn, and nothing else, is supervised (the study's labels were
+never aligned with the prompt). Batches are padded to their longest example, not to a fixed length, and
+nothing is truncated: an example whose prompt would lose image tokens is skipped or fails by policy first.
+
+    metrics = train_trial(params, cfg.sft, cfg.model, base_dir, data_dir, out_dir, seed=0)
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import datasets
+import pandas as pd
+import torch
+from transformers import TrainerCallback
+from trl import SFTConfig as TrlSFTConfig
+from trl import SFTTrainer
+
+from vlm_posttrain import modeling, prompts
+from vlm_posttrain.config import ModelConfig, SftConfig
+from vlm_posttrain.data import DataError, Rejects, decode_image, load_split
+
+
+def image_token_count(processor) -> int:
+    """How many tokens one ``<image>`` expands to for this processor (576 for LLaVA-1.5, 16 for tiny)."""
+    from PIL import Image
+
+    probe = processor(text=[prompts.IMAGE_TOKEN], images=[Image.new("RGB", (8, 8))], return_tensors="pt")
+    return int(
+        (probe["input_ids"][0] == processor.tokenizer.convert_tokens_to_ids(prompts.IMAGE_TOKEN)).sum()
+    )
+
+
+def token_length(processor, messages: list[dict], image_tokens: int) -> int:
+    text = prompts.render(processor, messages)
+    return len(processor.tokenizer(text, add_special_tokens=False)["input_ids"]) + image_tokens - 1
+
+
+def to_sft_dataset(
+    df: pd.DataFrame, processor, max_length: int, bad_rows: str, system_prompt: str = ""
+) -> tuple[datasets.Dataset, Rejects]:
+    """TRL's vision-conversation rows; examples that would not fit ``max_length`` whole are counted out."""
+    image_tokens = image_token_count(processor)
+    rejects = Rejects()
+    records: list[dict[str, Any]] = []
+    for row in df.itertuples(index=False):
+        messages = prompts.to_messages(list(row.conversations), system_prompt)
+        n = token_length(processor, messages, image_tokens)
+        if n > max_length:
+            if bad_rows == "fail":
+                raise DataError(
+                    f"row '{row.example_id}': {n} tokens exceed sft.max_length={max_length} and would cut the "
+                    "example; raise sft.max_length or set data.bad_rows=skip"
+                )
+            rejects.add("too_long", row.example_id)
+            continue
+        records.append({"images": [decode_image(row.image)], "messages": messages})
+    if not records:
+        raise DataError(f"no example fits sft.max_length={max_length}; raise it")
+    return datasets.Dataset.from_list(records), rejects
+
+
+def trainer_args(
+    sft: SftConfig, params: dict, out_dir: Path, seed: int, compute_dtype: str, with_eval: bool
+) -> TrlSFTConfig:
+    cuda = torch.cuda.is_available()
+    return TrlSFTConfig(
+        output_dir=str(out_dir),
+        per_device_train_batch_size=sft.batch_size,
+        per_device_eval_batch_size=sft.batch_size,
+        gradient_accumulation_steps=sft.grad_accum,
+        num_train_epochs=params["epochs"],
+        learning_rate=params["learning_rate"],
+        warmup_steps=sft.warmup_ratio,  # transformers 5: a float < 1 is a ratio
+        weight_decay=sft.weight_decay,
+        logging_steps=sft.logging_steps,
+        eval_strategy="epoch" if with_eval else "no",
+        save_strategy="epoch",
+        save_total_limit=1,
+        max_length=None,
+        assistant_only_loss=True,
+        use_cpu=not cuda,
+        bf16=cuda and compute_dtype == "bfloat16",
+        fp16=False,
+        report_to="none",
+        seed=seed,
+        data_seed=seed,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        save_only_model=False,
+    )
+
+
+def train_trial(
+    params: dict,
+    sft: SftConfig,
+    model_cfg: ModelConfig,
+    base_dir: str | Path,
+    data_dir: str | Path,
+    out_dir: str | Path,
+    seed: int,
+    bad_rows: str = "skip",
+    callbacks: Sequence[TrainerCallback] = (),
+    resume_from: str | None = None,
+) -> dict:
+    """Train one LoRA adapter; returns final metrics. Checkpoints land in ``out_dir/checkpoint-*``."""
+    out_dir = Path(out_dir)
+    processor = modeling.load_processor(str(base_dir), model_cfg.trust_remote_code)
+    train, train_rejects = to_sft_dataset(load_split(data_dir, "train"), processor, sft.max_length, bad_rows)
+    val_df = load_split(data_dir, "val")
+    val = to_sft_dataset(val_df, processor, sft.max_length, bad_rows)[0] if len(val_df) else None
+    base = modeling.load_base(str(base_dir), model_cfg)
+    lora = modeling.lora_config(
+        params["lora_r"],
+        params["lora_alpha"],
+        params["lora_dropout"],
+        model_cfg.lora_target,
+        params["train_projector"],
+    )
+    model = modeling.attach_lora(base, lora, seed)
+    trainer = SFTTrainer(
+        model=model,
+        args=trainer_args(sft, params, out_dir, seed, model_cfg.compute_dtype, val is not None),
+        train_dataset=train,
+        eval_dataset=val,
+        processing_class=processor,
+        callbacks=list(callbacks),
+    )
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    metrics = {"train_loss": float(result.training_loss), "epoch": float(trainer.state.epoch or 0)}
+    evals = [h for h in trainer.state.log_history if "eval_loss" in h]
+    if evals:
+        metrics["eval_loss"] = float(evals[-1]["eval_loss"])
+    metrics["train_examples"] = len(train)
+    metrics["skipped_too_long"] = train_rejects.counts.get("too_long", 0)
+    return metrics
+
+
+def pretrain_full(
+    base_dir: str | Path,
+    data_dir: str | Path,
+    out_dir: str | Path,
+    epochs: float,
+    seed: int,
+    lr: float = 3e-3,
+) -> dict:
+    """Full fine-tuning (no LoRA) of a small model: turns the random tiny LLaVA into an instruction-tuned base."""
+    processor = modeling.load_processor(str(base_dir))
+    model = modeling.load_base(str(base_dir), ModelConfig(name=str(base_dir)))
+    train, _ = to_sft_dataset(load_split(data_dir, "train"), processor, 10_000, "skip")
+    args = trainer_args(
+        SftConfig(batch_size=8, logging_steps=50, warmup_ratio=0.05),
+        {"epochs": epochs, "learning_rate": lr},
+        Path(tempfile.mkdtemp(prefix="pretrain-")),
+        seed,
+        "float32",
+        with_eval=False,
+    )
+    args.save_strategy = "no"
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=processor)
+    result = trainer.train()
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return {"pretrain_loss": float(result.training_loss), "pretrain_examples": len(train)}

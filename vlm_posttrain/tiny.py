@@ -1,0 +1,162 @@
+"""A tiny LLaVA built fully offline, with the classes, processor and chat template of llava-hf/llava-1.5-7b-hf.
+
+No hub is reachable on CI or a laptop, so every code path of the project runs on this model instead:
+CLIP vision tower (hidden 32, 2 layers, 32 px, patch 8 -> 16 image tokens), a 2-layer Llama (hidden 64)
+and a byte-level BPE tokenizer trained on chart words. It saves and reloads with
+``AutoModelForImageTextToText`` / ``AutoProcessor`` like the real checkpoint.
+
+    python -c "from vlm_posttrain.tiny import build_tiny_llava; build_tiny_llava('/tmp/tiny')"
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
+
+from vlm_posttrain.prompts import LLAVA_15_TEMPLATE
+
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
+IMAGE_SIZE = 32
+PATCH = 8
+IMAGE_SEQ_LENGTH = (IMAGE_SIZE // PATCH) ** 2
+
+# Enough chart vocabulary that questions and answers tokenize into words, not bytes.
+_WORDS = (
+    "what is the value of which category has highest lowest is greater than less does series increase "
+    "decrease from to overall trend increasing decreasing yes no summarize chart in one sentence bar line pie "
+    "shows shares percent total apples pears kiwis mangos plums grapes france spain italy germany japan "
+    "january february march april may june 2015 2016 2017 2018 2019 2020 2021 2022 2023 and at with a an "
+    "of for by on are was were it this that graph figure data year years share largest smallest not "
+    "available question answer user assistant image value values million billion number count rate growth "
+    "between first second response better worse score out judge fair unbiased given corresponding please "
+    "serve as explain your reasoning"
+)
+
+
+def _corpus() -> list[str]:
+    words = _WORDS.split()
+    lines = [" ".join(words[i : i + 12]) for i in range(0, len(words), 6)]
+    lines += [f"The value of {w} is {n}." for n, w in enumerate(words)]
+    lines += [str(n) for n in range(200)] + ["USER: ASSISTANT: 12.5% 0.25 , . ? ! : ; ( ) -"]
+    return lines * 3
+
+
+def build_tokenizer(vocab_size: int = 600) -> PreTrainedTokenizerFast:
+    """A byte-level BPE with LLaVA's special tokens, left padding (for batched generation)."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        padding_side="left",
+        extra_special_tokens={"image_token": "<image>"},
+        chat_template=LLAVA_15_TEMPLATE,
+    )
+
+
+def build_processor() -> LlavaProcessor:
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=build_tokenizer(),
+        patch_size=PATCH,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_15_TEMPLATE,
+    )
+
+
+def tiny_llava_config(tokenizer: PreTrainedTokenizerFast) -> LlavaConfig:
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH,
+        projection_dim=32,
+    )
+    text = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_seq_length=IMAGE_SEQ_LENGTH,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def build_tiny_llava(out_dir: str | Path, seed: int = 0) -> Path:
+    """Write a randomly initialised tiny LLaVA and its processor to ``out_dir``; returns the folder."""
+    out = Path(out_dir)
+    processor = build_processor()
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(tiny_llava_config(processor.tokenizer))
+    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def build_tiny_base(out_dir: str | Path, examples: int, epochs: float, seed: int) -> dict:
+    """The embedded default's "Base": the tiny LLaVA instruction-tuned on synthetic charts of another seed.
+
+    The study's base (LLaVA-1.5-7B) was already post-trained; a random tiny model is not, so it is first
+    fully fine-tuned on charts that the experiment's own data never contains (seed offset).
+    """
+    import tempfile
+
+    from vlm_posttrain.config import DataConfig
+    from vlm_posttrain.data import build_splits
+    from vlm_posttrain.sft import pretrain_full
+
+    with tempfile.TemporaryDirectory(prefix="tiny-base-") as tmp:
+        raw = build_tiny_llava(Path(tmp) / "random", seed=seed)
+        data_cfg = DataConfig(
+            source="synthetic",
+            limit=examples,
+            val_fraction=0.0,
+            test_fraction=0.0,
+            synthetic_image_size=64,
+            synthetic_turns=2,
+        )
+        build_splits(data_cfg, seed + 1_000_003, Path(tmp) / "data")
+        return pretrain_full(raw, Path(tmp) / "data", out_dir, epochs=epochs, seed=seed)
