@@ -1,0 +1,30 @@
+"""Project layout rules: the core package never imports Ray; every driver has --help."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CORE_MODULES = sorted(p.stem for p in (REPO / "vlm_posttrain").glob("*.py") if p.stem != "__init__")
+DRIVERS = sorted(p.stem for p in (REPO / "ray_jobs").glob("*.py") if p.stem not in ("__init__", "session"))
+
+
+def test_core_package_does_not_import_ray():
+    code = (
+        "import sys\n"
+        + "".join(f"import vlm_posttrain.{m}\n" for m in CORE_MODULES)
+        + "bad = sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.'))\n"
+        + "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_driver_help(driver):
+    out = subprocess.run(
+        [sys.executable, "-m", f"ray_jobs.{driver}", "--help"], capture_output=True, text=True, cwd=REPO
+    )
+    assert out.returncode == 0, out.stderr
+    assert "usage:" in out.stdout and "config" in out.stdout

@@ -1,0 +1,129 @@
+"""The SFT stage: supervised tokens are exactly the answers, LoRA sits on the language model only, and the
+grid runs as Ray Tune trials whose adapters all trained."""
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+
+from vlm_posttrain import modeling, prompts
+from vlm_posttrain.config import LORA_LANGUAGE_TARGET, ModelConfig
+from vlm_posttrain.data import DataError, load_split
+from vlm_posttrain.sft import to_sft_dataset
+
+CONVERSATION = [
+    {"from": "human", "value": "<image>\nWhat is the value of Apples?"},
+    {"from": "gpt", "value": "The value of Apples is 42."},
+    {"from": "human", "value": "Which category is the lowest?"},
+    {"from": "gpt", "value": "Kiwis"},
+]
+
+
+def _rows(conversations_list):
+    from tests.test_data import _png
+
+    return pd.DataFrame(
+        [
+            {
+                "example_id": f"e{i}",
+                "image": _png(),
+                "conversations": c,
+                "source": "t",
+                "answer_type": "",
+                "group": "",
+            }
+            for i, c in enumerate(conversations_list)
+        ]
+    )
+
+
+def test_supervised_tokens_are_exactly_the_answers(tiny_model_dir):
+    processor = modeling.load_processor(str(tiny_model_dir))
+    ds, _ = to_sft_dataset(_rows([CONVERSATION, CONVERSATION[:2]]), processor, 512, "fail")
+    batch = DataCollatorForVisionLanguageModeling(processor, assistant_only_loss=True)([ds[0], ds[1]])
+    tok = processor.tokenizer
+    image_id = tok.convert_tokens_to_ids("<image>")
+    for row, answers in zip(
+        range(2), [["The value of Apples is 42.", "Kiwis"], ["The value of Apples is 42."]]
+    ):
+        labels = batch["labels"][row]
+        supervised = labels[labels != -100]
+        assert tok.decode(supervised) == "".join(f" {a}</s>" for a in answers)
+        assert image_id not in supervised.tolist()
+        # The supervised positions are the answer spans and nothing of the prompt: labels equal inputs there.
+        ids = batch["input_ids"][row]
+        assert torch.equal(ids[labels != -100], supervised)
+        prompt_text = tok.decode(ids[(labels == -100) & (batch["attention_mask"][row] == 1)])
+        assert "USER:" in prompt_text and "ASSISTANT:" in prompt_text and "42" not in prompt_text
+    assert batch["pixel_values"].shape[0] == 2
+
+
+def test_dynamic_padding_pads_to_longest_in_batch(tiny_model_dir):
+    processor = modeling.load_processor(str(tiny_model_dir))
+    ds, _ = to_sft_dataset(_rows([CONVERSATION[:2], CONVERSATION[:2]]), processor, 512, "fail")
+    batch = DataCollatorForVisionLanguageModeling(processor, assistant_only_loss=True)([ds[0], ds[1]])
+    assert batch["attention_mask"].all()
+    assert batch["input_ids"].shape[1] < 64
+
+
+def test_too_long_examples_are_counted_or_fatal(tiny_model_dir):
+    processor = modeling.load_processor(str(tiny_model_dir))
+    long = [
+        {"from": "human", "value": "<image>\n" + "what is the value " * 40},
+        {"from": "gpt", "value": "1"},
+    ]
+    ds, rejects = to_sft_dataset(_rows([CONVERSATION[:2], long]), processor, 64, "skip")
+    assert len(ds) == 1 and rejects.counts["too_long"] == 1
+    with pytest.raises(DataError, match="exceed sft.max_length=64"):
+        to_sft_dataset(_rows([long]), processor, 64, "fail")
+
+
+def _lora(model_dir, r, alpha, dropout, seed=0, train_projector=False):
+    base = modeling.load_base(str(model_dir), ModelConfig(name=str(model_dir)))
+    cfg = modeling.lora_config(r, alpha, dropout, LORA_LANGUAGE_TARGET, train_projector)
+    return modeling.attach_lora(base, cfg, seed)
+
+
+def test_lora_only_on_language_model_and_same_rank_starts_identical(tiny_model_dir):
+    a = _lora(tiny_model_dir, 8, 16, 0.05)
+    b = _lora(tiny_model_dir, 8, 8, 0.10)
+    names = [n for n, p in a.named_parameters() if p.requires_grad]
+    assert names and all("language_model" in n and "lora_" in n for n in names)
+    assert not any("vision_tower" in n for n, _ in a.named_modules() if "lora_A" in n)
+    a_init = {n: p for n, p in a.named_parameters() if "lora_A" in n}
+    b_init = {n: p for n, p in b.named_parameters() if "lora_A" in n}
+    assert all(torch.equal(a_init[n], b_init[n]) for n in a_init)
+    projector = _lora(tiny_model_dir, 8, 16, 0.05, train_projector=True)
+    assert any("multi_modal_projector" in n for n, p in projector.named_parameters() if p.requires_grad)
+
+
+@pytest.mark.slow
+def test_tune_grid_trains_every_lora_parameter(tiny_model_dir, tiny_data_dir, tiny_config):
+    import ray
+
+    from ray_jobs import sft as sft_job
+
+    cfg = tiny_config(
+        sft={"epochs": 1, "batch_size": 8, "logging_steps": 2, "grid": {"lora_alpha": [16, 8]}},
+        resources={"cpus_per_trial": 1, "max_concurrent_trials": 2},
+    )
+    store = sft_job.RunStore(cfg.run.root)
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
+    try:
+        path = sft_job.run(cfg, store, str(tiny_model_dir), str(tiny_data_dir))
+    finally:
+        ray.shutdown()
+    table = pd.read_parquet(f"{path}/trials.parquet")
+    assert len(table) == 2 and sorted(table["config/lora_alpha"]) == [8, 16]
+    assert table["eval_loss"].notna().all() and table["train_loss"].notna().all()
+    init = {n: p.detach() for n, p in _lora(tiny_model_dir, 8, 16, 0.05).named_parameters() if "lora_" in n}
+    for adapter in table["adapter"]:
+        trained = load_file(f"{path}/{adapter}/adapter_model.safetensors")
+        assert len(trained) == len(init)
+        for name, tensor in trained.items():
+            start = init[name.replace(".weight", ".default.weight")]
+            assert not torch.allclose(tensor, start), f"{name} did not change"
+    assert len(load_split(tiny_data_dir, "val")) > 0
+    # A second run finds the complete artifact and does not retrain.
+    assert sft_job.run(cfg, store, str(tiny_model_dir), str(tiny_data_dir)) == path
