@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
-from vlm_posttrain import modeling, prompts
+from vlm_posttrain import modeling
 from vlm_posttrain.config import LORA_LANGUAGE_TARGET, ModelConfig
 from vlm_posttrain.data import DataError, load_split
 from vlm_posttrain.sft import to_sft_dataset
@@ -127,3 +127,28 @@ def test_tune_grid_trains_every_lora_parameter(tiny_model_dir, tiny_data_dir, ti
     assert len(load_split(tiny_data_dir, "val")) > 0
     # A second run finds the complete artifact and does not retrain.
     assert sft_job.run(cfg, store, str(tiny_model_dir), str(tiny_data_dir)) == path
+
+
+def test_qlora_trial_trains_on_a_4bit_language_model(tiny_model_dir, tiny_data_dir, tmp_path):
+    import bitsandbytes as bnb
+
+    from vlm_posttrain.config import SftConfig
+    from vlm_posttrain.sft import train_trial
+
+    cfg = ModelConfig(name=str(tiny_model_dir), load_in_4bit=True)
+    quantized = [
+        n
+        for n, m in modeling.load_base(str(tiny_model_dir), cfg).named_modules()
+        if isinstance(m, bnb.nn.Linear4bit)
+    ]
+    assert quantized and all(n.startswith("model.language_model.") for n in quantized)
+    params = dict(
+        learning_rate=1e-3, epochs=1.0, lora_r=4, lora_alpha=8, lora_dropout=0.0, train_projector=False
+    )
+    metrics = train_trial(
+        params, SftConfig(batch_size=8, logging_steps=2), cfg, tiny_model_dir, tiny_data_dir, tmp_path, 0
+    )
+    assert metrics["eval_loss"] > 0 and metrics["train_examples"] == len(load_split(tiny_data_dir, "train"))
+    (checkpoint,) = tmp_path.glob("checkpoint-*")
+    trained = load_file(checkpoint / "adapter_model.safetensors")
+    assert all(t.abs().sum() > 0 for n, t in trained.items() if "lora_B" in n)
