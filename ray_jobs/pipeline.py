@@ -4,13 +4,14 @@
     python -m ray_jobs.pipeline configs/study.yaml      # the study (needs a GPU and the real checkpoints)
     ray job submit --working-dir . -- python -m ray_jobs.pipeline configs/study.yaml
 
-Stages so far: model (tiny only), data, sft.
+Stages so far: model (tiny only), data, sft, report.
 """
 
 from __future__ import annotations
 
 from ray_jobs import data as data_job
 from ray_jobs import model as model_job
+from ray_jobs import report as report_job
 from ray_jobs import sft as sft_job
 from ray_jobs.session import parse_args
 
@@ -21,6 +22,7 @@ def main(argv: list[str] | None = None) -> None:
     data_dir = data_job.run(cfg, store)
     sft_dir = sft_job.run(cfg, store, base_dir, data_dir)
     print(f"run root: {store.root}\nsft: {sft_dir}")
+    report_job.run(cfg, store)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from vlm_posttrain.store import RunStore, build_manifest, digest
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 TABLE = "trials.parquet"
+CURVES = "curves.parquet"
 
 
 def sft_key(cfg: ExperimentConfig, base: str, data_id: str) -> str:
@@ -97,6 +98,20 @@ def collect_adapters(results, staging: Path) -> pd.DataFrame:
     return df[[c for c in first if c in df.columns] + [c for c in df.columns if c not in first]]
 
 
+def data_hash(data_dir: str) -> str:
+    """The content hash the data stage recorded (a bare split folder, as in tests, has none)."""
+    manifest = Path(data_dir) / "manifest.json"
+    return json.loads(manifest.read_text())["metrics"]["data_hash"] if manifest.is_file() else "unrecorded"
+
+
+def learning_curves(results) -> pd.DataFrame:
+    """Every metric row each trial reported (train loss per logging step, eval loss per epoch), long form."""
+    keep = ["trial_id", "step", "epoch", "train_loss", "eval_loss", "time_total_s"]
+    frames = [r.metrics_dataframe.assign(trial_id=r.metrics["trial_id"]) for r in results]
+    df = pd.concat(frames, ignore_index=True)
+    return df[[c for c in keep if c in df.columns]]
+
+
 def run(cfg: ExperimentConfig, store: RunStore, base_dir: str, data_dir: str) -> str:
     data_id = Path(data_dir).name
     key = sft_key(cfg, base_dir if cfg.model.name != "tiny" else Path(base_dir).name, data_id)
@@ -108,6 +123,7 @@ def run(cfg: ExperimentConfig, store: RunStore, base_dir: str, data_dir: str) ->
         staging = store.staging("sft", key)
         table = collect_adapters(results, staging)
         table.to_parquet(staging / TABLE, index=False)
+        learning_curves(results).to_parquet(staging / CURVES, index=False)
         best = table.loc[table["best_eval_loss"].idxmin()]
         manifest = build_manifest(
             "sft",

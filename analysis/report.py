@@ -1,0 +1,171 @@
+"""The run's report: ``report.md`` with the study-style table plus intervals and paired comparisons, PNG plots,
+and every table as CSV and parquet, all linked from the report.
+
+    from analysis.report import write_report
+    write_report(load_run("runs/tiny"), "runs/tiny/report/latest")
+
+Sections appear for whatever the run has: trials and learning curves (sft, soup), preference-pair
+diagnostics (pairs), DPO reward margins (dpo), and per-variant scores with 95% bootstrap intervals and
+paired tests against the base and the best single trial (eval). Pandas and matplotlib only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from analysis.run import RunTables  # noqa: E402
+from analysis.stats import compare_variants, summarize_variants  # noqa: E402
+
+SCORE_SUFFIX = "/score"
+
+
+def _save_table(df: pd.DataFrame, out: Path, name: str) -> str:
+    df.to_csv(out / f"{name}.csv", index=False)
+    df.to_parquet(out / f"{name}.parquet", index=False)
+    return f"[{name}.csv]({name}.csv) · [{name}.parquet]({name}.parquet)"
+
+
+def _md(df: pd.DataFrame, floatfmt: str = ".3f") -> str:
+    return df.to_markdown(index=False, floatfmt=floatfmt) if len(df) else "_(empty)_"
+
+
+def plot_curves(curves: pd.DataFrame, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for trial_id, df in curves.groupby("trial_id"):
+        train = df.dropna(subset=["train_loss"])
+        line = ax.plot(train["epoch"], train["train_loss"], label=f"{trial_id} train", alpha=0.8)[0]
+        if "eval_loss" in df:
+            val = df.dropna(subset=["eval_loss"])
+            ax.plot(val["epoch"], val["eval_loss"], "o--", color=line.get_color(), label=f"{trial_id} val")
+    ax.set(xlabel="epoch", ylabel="loss", title="SFT training and validation loss per trial")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_scores(summary: pd.DataFrame, path: Path, score_col: str) -> None:
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(summary) + 1.5))
+    y = range(len(summary))
+    err = [summary["mean"] - summary["ci_lo"], summary["ci_hi"] - summary["mean"]]
+    ax.errorbar(summary["mean"], list(y), xerr=err, fmt="o", capsize=4)
+    ax.set_yticks(list(y), summary["variant"].astype(str))
+    ax.set(xlabel=f"mean {score_col} (95% bootstrap CI)", title="Score per variant")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_differences(comparison: pd.DataFrame, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(comparison) + 1.5))
+    y = range(len(comparison))
+    err = [comparison["diff"] - comparison["ci_lo"], comparison["ci_hi"] - comparison["diff"]]
+    ax.errorbar(comparison["diff"], list(y), xerr=err, fmt="o", capsize=4)
+    ax.axvline(0, color="grey", lw=1)
+    ax.set_yticks(list(y), comparison["variant"].astype(str))
+    ax.set(
+        xlabel=f"paired difference vs {comparison['baseline'].iloc[0]} (95% CI)", title="Paired differences"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_dpo(dpo: pd.DataFrame, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for col in [c for c in dpo.columns if c.startswith("rewards/")]:
+        ax.plot(dpo["step"], dpo[col], label=col)
+    ax.set(xlabel="step", title="DPO rewards")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _trial_section(run: RunTables, out: Path) -> list[str]:
+    lines = ["## SFT grid", ""]
+    trials = run.trials
+    cols = ["trial_id", *[c for c in trials.columns if c.startswith("config/")], "train_loss", "eval_loss"]
+    lines += [
+        _md(trials[[c for c in cols if c in trials.columns]]),
+        "",
+        _save_table(trials, out, "trials"),
+        "",
+    ]
+    if run.curves is not None and len(run.curves):
+        plot_curves(run.curves, out / "loss_curves.png")
+        lines += ["![loss curves](loss_curves.png)", "", _save_table(run.curves, out, "curves"), ""]
+    return lines
+
+
+def _best_trial_variant(variants: list[str], evaluation: pd.DataFrame, score_col: str) -> str | None:
+    trials = [v for v in variants if str(v).startswith("sft/")]
+    if not trials:
+        return None
+    means = evaluation[evaluation["variant"].isin(trials)].groupby("variant")[score_col].mean()
+    return str(means.idxmax())
+
+
+def _eval_section(evaluation: pd.DataFrame, out: Path, baseline: str) -> list[str]:
+    lines = ["## Evaluation", ""]
+    for score_col in [c for c in evaluation.columns if c.endswith(SCORE_SUFFIX)]:
+        judge = score_col.removesuffix(SCORE_SUFFIX).replace("/", "_")
+        summary = summarize_variants(evaluation, score_col)
+        lines += [
+            f"### {score_col}: mean per variant with 95% bootstrap interval",
+            "",
+            _md(summary, ".2f"),
+            "",
+        ]
+        lines += [_save_table(summary, out, f"scores_{judge}"), ""]
+        plot_scores(summary, out / f"scores_{judge}.png", score_col)
+        lines += [f"![scores]({f'scores_{judge}.png'})", ""]
+        variants = list(summary["variant"])
+        references = [baseline] if baseline in variants else []
+        best = _best_trial_variant(variants, evaluation, score_col)
+        if best:
+            references.append(best)
+        for ref in references:
+            comparison = compare_variants(evaluation, score_col, baseline=ref)
+            name = f"compare_{judge}_vs_{str(ref).replace('/', '_')}"
+            lines += [f"### Paired differences against {ref} (bootstrap CI, sign-flip p, Holm-adjusted)", ""]
+            shown = ["variant", "n_pairs", "diff", "ci_lo", "ci_hi", "p_value", "p_holm", "verdict"]
+            lines += [_md(comparison[shown], ".3f"), "", _save_table(comparison, out, name), ""]
+            plot_differences(comparison, out / f"{name}.png")
+            lines += [f"![differences]({name}.png)", ""]
+    return lines
+
+
+def write_report(run: RunTables, out_dir: str | Path, baseline: str = "base") -> Path:
+    """Write report.md, its plots and tables into out_dir; returns the report's path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [f"# Report: {run.root}", ""]
+    if len(run.manifests):
+        lines += ["## Artifacts", "", _md(run.manifests[["stage", "artifact", "created"]]), ""]
+    if run.trials is not None:
+        lines += _trial_section(run, out)
+    if run.pairs_diagnostics is not None:
+        lines += ["## Preference pairs: judge diagnostics", "", _md(run.pairs_diagnostics), ""]
+        lines += [_save_table(run.pairs_diagnostics, out, "pairs_diagnostics"), ""]
+    if run.dpo_curves is not None and "step" in run.dpo_curves:
+        plot_dpo(run.dpo_curves, out / "dpo_rewards.png")
+        lines += [
+            "## DPO",
+            "",
+            "![DPO rewards](dpo_rewards.png)",
+            "",
+            _save_table(run.dpo_curves, out, "dpo"),
+            "",
+        ]
+    if run.evaluation is not None:
+        lines += _eval_section(run.evaluation, out, baseline)
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path

@@ -1,0 +1,83 @@
+"""Load a finished (or partly finished) run directory into pandas DataFrames with one call.
+
+    from analysis.run import load_run
+    run = load_run("runs/tiny")
+    run.trials          # the SFT trial table (plus the soup's rows when a soup exists)
+    run.curves          # every trial's reported metrics, long form (train loss per step, eval loss per epoch)
+    run.evaluation      # one row per (variant, example, sample) with every judge's score
+    run.manifests       # one row per complete artifact: stage, artifact, created, timings
+
+Each stage's table is read from its newest complete artifact (one whose manifest says ``complete``).
+Pandas only: no Ray, no torch.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+# Which file of which stage's artifact holds which table.
+TABLES = {
+    "trials": [("soup", "trials.parquet"), ("sft", "trials.parquet")],
+    "curves": [("sft", "curves.parquet")],
+    "pairs_diagnostics": [("pairs", "diagnostics.parquet")],
+    "dpo_curves": [("dpo", "metrics.parquet")],
+    "evaluation": [("eval", "evaluation.parquet")],
+}
+
+
+@dataclass
+class RunTables:
+    root: Path
+    manifests: pd.DataFrame
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+
+    def __getattr__(self, name: str) -> pd.DataFrame | None:
+        if name in TABLES:
+            return self.tables.get(name)
+        raise AttributeError(name)
+
+
+def complete_artifacts(root: Path) -> list[dict]:
+    """Every complete artifact's manifest, with its folder."""
+    found = []
+    for manifest in sorted(root.glob("*/*/manifest.json")):
+        data = json.loads(manifest.read_text())
+        if data.get("status") == "complete":
+            found.append({**data, "folder": manifest.parent})
+    return found
+
+
+def _newest(artifacts: list[dict], stage: str) -> dict | None:
+    of_stage = [a for a in artifacts if a["stage"] == stage]
+    return max(of_stage, key=lambda a: a["created"]) if of_stage else None
+
+
+def load_run(root: str | Path) -> RunTables:
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"run root '{root}' not found; pass the run.root of a config that has run")
+    artifacts = complete_artifacts(root)
+    manifests = pd.DataFrame(
+        [
+            {
+                "stage": a["stage"],
+                "artifact": a["artifact"],
+                "created": a["created"],
+                "path": str(a["folder"]),
+                **{f"timing/{k}": v for k, v in a.get("timings", {}).items()},
+            }
+            for a in artifacts
+        ]
+    )
+    tables = {}
+    for name, candidates in TABLES.items():
+        for stage, filename in candidates:
+            artifact = _newest(artifacts, stage)
+            if artifact is not None and (artifact["folder"] / filename).is_file():
+                tables[name] = pd.read_parquet(artifact["folder"] / filename)
+                break
+    return RunTables(root=root, manifests=manifests, tables=tables)
