@@ -4,7 +4,7 @@
     python -m ray_jobs.pipeline configs/study.yaml      # the study (needs a GPU and the real checkpoints)
     ray job submit --working-dir . -- python -m ray_jobs.pipeline configs/study.yaml
 
-Stages so far: model (tiny only), data, sft, report.
+Stages so far: model (tiny only), data, sft, soup, report.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from ray_jobs import data as data_job
 from ray_jobs import model as model_job
 from ray_jobs import report as report_job
 from ray_jobs import sft as sft_job
+from ray_jobs import soup as soup_job
 from ray_jobs.session import parse_args
 
 
@@ -21,7 +22,8 @@ def main(argv: list[str] | None = None) -> None:
     base_dir = model_job.run(cfg, store)
     data_dir = data_job.run(cfg, store)
     sft_dir = sft_job.run(cfg, store, base_dir, data_dir)
-    print(f"run root: {store.root}\nsft: {sft_dir}")
+    soup_dir = soup_job.run(cfg, store, base_dir, data_dir, sft_dir)
+    print(f"run root: {store.root}\nsft: {sft_dir}\nsoup: {soup_dir}")
     report_job.run(cfg, store)
 
 

@@ -142,18 +142,143 @@ class SftConfig:
 
 
 @dataclass(frozen=True)
+class SoupConfig:
+    # delta_mean: exact mean of the adapters' ΔW (rank Σr); delta_svd: that mean truncated to svd_rank;
+    # factor_mean: the study's mean of A's and of B's, a labelled baseline (NOT the mean of the ΔW);
+    # greedy: add trials best-first to the delta_mean soup, keeping each only if the val loss does not rise.
+    method: Literal["delta_mean", "delta_svd", "factor_mean", "greedy"] = "delta_mean"
+    # Which SFT trials go in: all, the top_k by validation loss, or the LoRA rank group that does best.
+    select: Literal["all", "top_k", "best_rank"] = "best_rank"
+    top_k: int = 2
+    # best_rank scores each rank group by its best trial's validation loss, or by the group's mean.
+    rank_metric: Literal["best", "mean"] = "best"
+    # The target rank of delta_svd (read by no other method).
+    svd_rank: int = 0
+    # The only weighting so far; the soup math itself takes any non-negative weights.
+    weights: Literal["uniform"] = "uniform"
+    # Resources of the one Ray task (not part of the artifact's hash).
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+
+    def validate(self) -> None:
+        if self.top_k < 1:
+            raise ValueError("top_k: must be >= 1")
+        if self.svd_rank < 0:
+            raise ValueError("svd_rank: must be >= 0")
+        if self.method == "delta_svd" and self.svd_rank == 0:
+            raise ValueError(
+                "svd_rank: method delta_svd needs svd_rank > 0 (the rank to truncate the mean to)"
+            )
+        if self.num_cpus <= 0:
+            raise ValueError("num_cpus: must be > 0")
+        if not 0.0 <= self.num_gpus <= 8:
+            raise ValueError("num_gpus: must be between 0 and 8")
+
+
+@dataclass(frozen=True)
+class PairsConfig:
+    # Who picks chosen vs rejected: the policy itself (label-token probabilities), a critic VLM
+    # (LLaVA-Critic's pairwise prompt), or closeness to the reference answer.
+    judge: Literal["self", "critic", "reference"] = "self"
+    # The critic checkpoint (hub id or folder of any image-text-to-text model); read by judge=critic only.
+    critic_model: str = ""
+    # Samples per prompt; every pair of them is judged in both orders.
+    k: int = 2
+    temperature: float = 0.7
+    top_p: float = 1.0
+    max_new_tokens: int = 200
+    # How many train prompts to use (the first ones of train.parquet); 0 uses all.
+    limit: int = 0
+    # Self judge: |log p(label 1) - log p(label 2)| below this (nats) is a tie, not a verdict.
+    tie_margin: float = 0.1
+    # Critic judge: tokens the critic may write for its verdict and reasoning.
+    critic_max_new_tokens: int = 256
+    # Execution only (not part of the artifact's hash): actors per pool (one generator pool, one judge
+    # pool), prompts per batch (and model inputs per judge forward), resources of each actor.
+    actors: int = 1
+    batch_size: int = 8
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+
+    def validate(self) -> None:
+        if self.judge == "critic" and not self.critic_model:
+            raise ValueError("critic_model: judge 'critic' needs critic_model (a hub id or model folder)")
+        if self.k < 2:
+            raise ValueError("k: a preference pair needs k >= 2 samples per prompt")
+        if self.temperature <= 0:
+            raise ValueError("temperature: must be > 0 (k samples at temperature 0 are all the same answer)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError("top_p: must be in (0, 1]")
+        for name in ("max_new_tokens", "critic_max_new_tokens", "actors", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1")
+        if self.limit < 0:
+            raise ValueError("limit: must be >= 0 (0 uses every train prompt)")
+        if self.tie_margin < 0:
+            raise ValueError("tie_margin: must be >= 0")
+        if self.num_cpus <= 0:
+            raise ValueError("num_cpus: must be > 0")
+        if not 0.0 <= self.num_gpus <= 8:
+            raise ValueError("num_gpus: must be between 0 and 8")
+
+    def section(self) -> dict[str, Any]:
+        """The settings that decide the artifact's content (its hash): resources and concurrency left out."""
+        skip = {"actors", "batch_size", "num_cpus", "num_gpus"}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+
+
+@dataclass(frozen=True)
+class DpoConfig:
+    # TRL's DPO knobs. Every loss here has a known value at zero margin, so the first step checks that the
+    # reference really is the starting policy (ln 2 for sigmoid).
+    beta: float = 0.1
+    loss_type: Literal["sigmoid", "sigmoid_norm", "hinge", "ipo", "bco_pair", "apo_zero"] = "sigmoid"
+    learning_rate: float = 5e-6
+    epochs: float = 1.0
+    batch_size: int = 4
+    grad_accum: int = 1
+    # Tokens of prompt (image tokens included) + the longer answer; a pair that would not fit is an error,
+    # never truncated (cut image tokens corrupt VLM training).
+    max_length: int = 2048
+    logging_steps: int = 10
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    # pairs -> dpo rounds; round r trains from round r-1's policy on pairs that policy generated.
+    rounds: int = 1
+
+    def validate(self) -> None:
+        for name in ("beta", "learning_rate", "epochs"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: must be > 0")
+        for name in ("batch_size", "grad_accum", "max_length", "logging_steps", "rounds"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError("warmup_ratio: must be in [0, 1)")
+
+    def section(self) -> dict[str, Any]:
+        """The settings that decide one round's adapter (its hash): how many rounds follow is left out."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "rounds"}
+
+
+@dataclass(frozen=True)
 class ResourcesConfig:
     cpus_per_trial: float = 1.0
-    # A fraction of one GPU per trial (Ray's scheduling label), 0 for CPU-only.
-    gpus_per_trial: float = 0.0
+    # A fraction of one GPU per trial (Ray's scheduling label), 0 for CPU-only, or "auto": as many trials per
+    # card as their memory estimate allows (vlm_posttrain.memory). A fraction that would not fit is refused.
+    gpus_per_trial: float | Literal["auto"] = 0.0
+    # The card size (decimal GB) that trials are planned against; 80 for an A100/H100 80GB.
+    gpu_memory_gb: float = 80.0
     max_concurrent_trials: int = 1
     max_failures: int = 1
 
     def validate(self) -> None:
         if self.cpus_per_trial <= 0:
             raise ValueError("cpus_per_trial: must be > 0")
-        if not 0.0 <= self.gpus_per_trial <= 8:
-            raise ValueError("gpus_per_trial: must be between 0 and 8")
+        if self.gpus_per_trial != "auto" and not 0.0 <= self.gpus_per_trial <= 8:
+            raise ValueError("gpus_per_trial: must be between 0 and 8, or auto")
+        if self.gpu_memory_gb <= 0:
+            raise ValueError("gpu_memory_gb: must be > 0 (the card's memory in GB)")
         if self.max_concurrent_trials < 1:
             raise ValueError("max_concurrent_trials: must be >= 1")
         if self.max_failures < 0:
@@ -166,6 +291,9 @@ class ExperimentConfig:
     model: ModelConfig
     data: DataConfig
     sft: SftConfig = field(default_factory=SftConfig)
+    soup: SoupConfig = field(default_factory=SoupConfig)
+    pairs: PairsConfig = field(default_factory=PairsConfig)
+    dpo: DpoConfig = field(default_factory=DpoConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     # The file this config was loaded from; set by load_config, never read from YAML.
     source: str = field(default="", metadata={"internal": True})
@@ -197,6 +325,8 @@ def _type_ok(value: Any, hint: Any) -> bool:
 def _describe(hint: Any) -> str:
     if typing.get_origin(hint) is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(h) for h in typing.get_args(hint))
     return getattr(hint, "__name__", str(hint))
 
 

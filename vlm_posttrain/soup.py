@@ -20,6 +20,12 @@ Usage::
     assert self_check(soup, adapters)["passed"]
     write_adapter(soup, "runs/soup/adapter")      # then PeftModel.from_pretrained(base, that folder)
 
+The stage entry points pick the ingredients from the SFT trial table and refuse to write a soup whose
+self-check fails::
+
+    chosen = select_adapters(trials, "best_rank", rank_metric="best")
+    path, report = make_soup([load_adapter(sft_dir / row["adapter"]) for row in chosen.rows], "delta_mean", out)
+
 No base model is needed and neither ``peft`` nor ``ray`` is imported.
 """
 
@@ -36,11 +42,15 @@ import tempfile
 import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -49,6 +59,10 @@ KEY_PREFIX = "base_model.model."
 A_SUFFIX = ".lora_A.weight"
 B_SUFFIX = ".lora_B.weight"
 DELTA_MEAN_TOL = 1e-5
+# The trial table's validation metric (loss of the checkpoint each trial kept: lower is better) and rank column.
+METRIC = "best_eval_loss"
+RANK_COLUMN = "config/lora_r"
+METHODS = ("delta_mean", "delta_svd", "factor_mean", "greedy")
 
 # Config fields that switch PEFT to a LoRA variant whose forward is not W + s·B·A (peft 0.21
 # LoraConfig fields tagged is_lora_variant, plus QA-LoRA and biased LoRA).
@@ -473,6 +487,11 @@ def _rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return diff / norm if norm > 0 else diff
 
 
+def _sample_modules(result: SoupResult, n_modules: int, seed: int) -> list[str]:
+    names = sorted(result.tensors)
+    return sorted(random.Random(seed).sample(names, min(n_modules, len(names))))
+
+
 def self_check(
     result: SoupResult,
     adapters: Sequence[Adapter],
@@ -487,8 +506,7 @@ def self_check(
     delta_mean soup of the first adapter alone equals that adapter.
     """
     w = _normalise_weights(weights if weights is not None else result.weights, len(adapters))
-    names = sorted(result.tensors)
-    sample = sorted(random.Random(seed).sample(names, min(n_modules, len(names))))
+    sample = _sample_modules(result, n_modules, seed)
     errors = {name: _rel_error(result.delta(name), _intended(adapters, w, name)) for name in sample}
     if result.method == "delta_svd":
         recorded = result.metrics["truncation_rel_error_per_module"]
@@ -551,3 +569,165 @@ def write_adapter(result: SoupResult, out_dir: str | os.PathLike, dtype: torch.d
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+# --------------------------------------------------------------------------- the stage: choose, soup, check, write
+
+
+class SoupCheckError(RuntimeError):
+    """The soup failed its numeric self-check; nothing was written."""
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The SFT trials chosen as ingredients (best validation metric first) and how they were chosen."""
+
+    rows: list[dict]
+    detail: dict
+
+
+def _require_columns(table: pd.DataFrame, columns: Sequence[str], why: str) -> None:
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise ValueError(
+            f"the trial table lacks column(s) {missing} needed {why}; is it an SFT stage's trials.parquet?"
+        )
+
+
+def select_adapters(table: pd.DataFrame, select: str, top_k: int = 1, rank_metric: str = "best") -> Selection:
+    """Choose ingredients from the SFT trial table: ``all``, ``top_k`` by METRIC, or the ``best_rank`` group.
+
+    best_rank groups trials by RANK_COLUMN and takes the group whose best (or mean) METRIC is lowest;
+    ties go to the smaller rank. Rows come back sorted by METRIC (lowest first, then trial id).
+    """
+    _require_columns(table, ("trial_id", "adapter", METRIC), "to pick soup ingredients")
+    if table.empty:
+        raise ValueError("the trial table has no rows: the SFT stage produced no adapters to soup")
+    ordered = table.sort_values([METRIC, "trial_id"], na_position="last", kind="stable")
+    detail: dict = {"select": select, "metric": METRIC, "lower_is_better": True}
+    if select == "all":
+        chosen = ordered
+    else:
+        scored = ordered[ordered[METRIC].notna()]
+        if scored.empty:
+            raise ValueError(
+                f"no trial has a {METRIC}; cannot rank trials (did the SFT grid evaluate on val?)"
+            )
+        if select == "top_k":
+            if top_k > len(scored):
+                raise ValueError(
+                    f"soup.top_k={top_k} but only {len(scored)} trial(s) have a {METRIC}; lower soup.top_k"
+                )
+            chosen = scored.head(top_k)
+            detail["top_k"] = top_k
+        elif select == "best_rank":
+            chosen, groups = _best_rank_group(scored, rank_metric)
+            detail.update(rank_metric=rank_metric, rank=int(chosen[RANK_COLUMN].iloc[0]), rank_scores=groups)
+        else:
+            raise ValueError(f"select '{select}': unknown; choose all, top_k or best_rank")
+    return Selection(rows=chosen.to_dict("records"), detail=detail)
+
+
+def _best_rank_group(scored: pd.DataFrame, rank_metric: str) -> tuple[pd.DataFrame, dict]:
+    _require_columns(scored, (RANK_COLUMN,), "to group trials by LoRA rank (select: best_rank)")
+    if rank_metric not in ("best", "mean"):
+        raise ValueError(f"rank_metric '{rank_metric}': unknown; choose best or mean")
+    groups = scored.groupby(RANK_COLUMN)[METRIC].agg("min" if rank_metric == "best" else "mean")
+    rank = groups.idxmin()  # groupby sorts the ranks, so a tie goes to the smaller one
+    return scored[scored[RANK_COLUMN] == rank], {str(int(r)): float(v) for r, v in groups.items()}
+
+
+def factor_mean_check(
+    result: SoupResult, adapters: Sequence[Adapter], n_modules: int = 8, seed: int = 0
+) -> dict:
+    """factor_mean's own check: its ΔW is s_1·mean(B)·mean(A), what the study served.
+
+    Its distance from the true mean of the ΔW is reported (``max_rel_error``), not judged: that gap is
+    what the baseline is there to show.
+    """
+    truth = self_check(result, adapters, n_modules=n_modules, seed=seed)
+    deviation = 0.0
+    for name in _sample_modules(result, n_modules, seed):
+        a = torch.stack([ad.modules[name][0].double() for ad in adapters]).mean(0)
+        b = torch.stack([ad.modules[name][1].double() for ad in adapters]).mean(0)
+        deviation = max(deviation, _rel_error(result.delta(name), adapters[0].scales[name] * (b @ a)))
+    passed = deviation < DELTA_MEAN_TOL and truth["single_ingredient_rel_error"] < DELTA_MEAN_TOL
+    return {**truth, "intended": "s_1 * mean(B) @ mean(A)", "max_deviation": deviation, "passed": passed}
+
+
+def _check_written(result: SoupResult, path: Path, n_modules: int = 8, seed: int = 0) -> float:
+    """Relative error between the ΔW PEFT will read back from `path` and the soup in memory."""
+    back = load_adapter(path)
+    errors = []
+    for name in _sample_modules(result, n_modules, seed):
+        a, b = back.modules[name]
+        errors.append(_rel_error(back.scales[name] * (b.double() @ a.double()), result.delta(name)))
+    return max(errors)
+
+
+def _combine(
+    adapters: Sequence[Adapter],
+    method: str,
+    metrics: Sequence[float] | None,
+    svd_rank: int,
+    evaluate: Callable[[SoupResult], float] | None,
+) -> tuple[SoupResult, list[Adapter], list[dict] | None]:
+    """Run one method; returns the soup, the adapters actually in it, and greedy's steps."""
+    if method == "delta_mean":
+        return delta_mean(adapters), list(adapters), None
+    if method == "delta_svd":
+        return delta_svd(adapters, svd_rank), list(adapters), None
+    if method == "factor_mean":
+        return factor_mean(adapters), list(adapters), None
+    if method == "greedy":
+        if evaluate is None or metrics is None:
+            raise ValueError("greedy needs each candidate's metric and an evaluate(soup) -> validation loss")
+        result, steps = greedy(list(zip(adapters, metrics, strict=True)), evaluate)
+        by_path = {str(a.path): a for a in adapters}
+        return result, [by_path[p] for p in result.ingredients], steps
+    raise ValueError(f"soup method '{method}': unknown; choose one of {', '.join(METHODS)}")
+
+
+def make_soup(
+    adapters: Sequence[Adapter],
+    method: str,
+    out_dir: str | os.PathLike,
+    metrics: Sequence[float] | None = None,
+    svd_rank: int = 0,
+    evaluate: Callable[[SoupResult], float] | None = None,
+) -> tuple[Path, dict]:
+    """Combine, self-check, write `out_dir` (float32, whatever the ingredients' dtype) and check the file.
+
+    Raises SoupCheckError, leaving nothing at `out_dir`, when either the soup in memory or the written
+    file differs from the intended combination. Returns the folder and a report for the manifest.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise FileExistsError(f"{out_dir} already exists; pick a new folder or remove it first")
+    result, used, steps = _combine(adapters, method, metrics, svd_rank, evaluate)
+    check = factor_mean_check(result, used) if method == "factor_mean" else self_check(result, used)
+    if not check["passed"]:
+        raise SoupCheckError(f"{method} soup failed its self-check, nothing written: {check}")
+    result = replace(result, metrics={**result.metrics, "self_check": check})
+    # float32 always: bf16 storage of the scaled, concatenated factors alone is off by ~1e-3.
+    staged = out_dir.with_name(f".{out_dir.name}.unchecked-{os.getpid()}")
+    shutil.rmtree(staged, ignore_errors=True)  # left by a crash of this very process id, never anyone's work
+    write_adapter(result, staged, dtype=torch.float32)
+    check["written_rel_error"] = _check_written(result, staged)
+    if not check["written_rel_error"] < DELTA_MEAN_TOL:
+        shutil.rmtree(staged)
+        raise SoupCheckError(f"the written {method} soup does not read back as computed, removed: {check}")
+    os.rename(staged, out_dir)
+    report = {
+        "method": method,
+        "r": result.r,
+        "lora_alpha": result.alpha,
+        "ingredients": [
+            {"path": p, "weight": w} for p, w in zip(result.ingredients, result.weights, strict=True)
+        ],
+        "self_check": check,
+        "metrics": {k: v for k, v in result.metrics.items() if k != "self_check"},
+    }
+    if steps is not None:
+        report["greedy_steps"] = steps
+    return out_dir, report
