@@ -79,3 +79,130 @@ def generation_prompt(processor, conversations: list[dict], system_prompt: str =
     if messages[-1]["role"] == "assistant":
         messages = messages[:-1]
     return render(processor, messages, add_generation_prompt=True)
+
+
+def final_question(conversations: list[dict]) -> str:
+    """The last question of a conversation, without the image marker (what a judge is shown)."""
+    humans = [t for t in conversations if t["from"] == "human"]
+    return strip_image_token(humans[-1]["value"]) if humans else ""
+
+
+def final_answer(conversations: list[dict]) -> str:
+    """The reference answer: the conversation's last assistant turn."""
+    answers = [t for t in conversations if t["from"] != "human"]
+    return str(answers[-1]["value"]).strip() if answers else ""
+
+
+def with_final_answer(conversations: list[dict], answer: str) -> list[dict]:
+    """The conversation with its final answer replaced (a best-of-K SFT row)."""
+    turns = [{"from": t["from"], "value": t["value"]} for t in conversations]
+    if turns and turns[-1]["from"] != "human":
+        turns = turns[:-1]
+    return [*turns, {"from": "gpt", "value": answer}]
+
+
+# ---- Preference rows in TRL's conversational vision format ---------------------------------------------
+# String contents: TRL's collators put one {"type": "image"} before the first user text, which renders
+# through LLAVA_15_TEMPLATE exactly as generation_prompt (a test compares the bytes and the tokens).
+
+
+def preference_prompt(conversations: list[dict], system_prompt: str = "") -> list[dict]:
+    """TRL's ``prompt`` column: every turn before the final answer, as role/content strings."""
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    turns = list(conversations)
+    if turns and turns[-1]["from"] != "human":
+        turns = turns[:-1]
+    for turn in turns:
+        role = "user" if turn["from"] == "human" else "assistant"
+        messages.append({"role": role, "content": strip_image_token(turn["value"])})
+    return messages
+
+
+def preference_completion(answer: str) -> list[dict]:
+    """TRL's ``chosen`` / ``rejected`` column: one assistant turn."""
+    return [{"role": "assistant", "content": answer}]
+
+
+def completion_text(processor, prompt_messages: list[dict], answer: str) -> str:
+    """The text the template appends after the generation prompt for ``answer`` (" {answer}</s>" here)."""
+    prompt = render(processor, prompt_messages, add_generation_prompt=True)
+    full = render(processor, [*prompt_messages, {"role": "assistant", "content": answer}])
+    if not full.startswith(prompt):
+        raise ValueError("the chat template renders the prompt differently with and without an answer")
+    return full[len(prompt) :]
+
+
+# ---- Self-judging: the policy compares two of its own answers -------------------------------------------
+# The verdict is read from the probabilities of the two label tokens after "ASSISTANT:", never parsed from
+# free text. Labels are neutral letters; the judge shows each pair in both orders and swaps the labels with
+# the order, so a preference for a position or for a letter cancels (the study kept "X" on one answer and
+# "Y" on the other while swapping the order, and "Y" won 371 to 241 between two samples of one model).
+SELF_JUDGE_LABELS = ("X", "Y")
+SELF_JUDGE_PROMPT = (
+    "Here are two answers to a question about this chart.\n"
+    "Question: {question}\n"
+    "Answer {label1}: {answer1}\n"
+    "Answer {label2}: {answer2}\n"
+    "Which answer is more accurate, {label1} or {label2}? Reply with the letter only."
+)
+
+
+def self_judge_messages(question: str, first: str, second: str, labels: tuple[str, str]) -> list[dict]:
+    text = SELF_JUDGE_PROMPT.format(
+        question=question, label1=labels[0], answer1=first, label2=labels[1], answer2=second
+    )
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+
+
+def self_judge_prompt(processor, question: str, first: str, second: str, labels: tuple[str, str]) -> str:
+    """The policy's own template around the judging question; its answer is one label."""
+    return render(processor, self_judge_messages(question, first, second, labels), add_generation_prompt=True)
+
+
+# ---- Critic judging: LLaVA-Critic's own pairwise prompt, verbatim ----------------------------------------
+# From the lmms-lab/llava-critic-7b model card; the critic's answer starts with its verdict ("The first
+# response is better ...", "Overall, the second response is better", "Both responses are equally ...").
+CRITIC_PAIRWISE_PROMPT = (
+    "Given an image and a corresponding question, please serve as an unbiased and fair judge to evaluate the "
+    "quality of the answers provided by a Large Multimodal Model (LMM). Determine which answer is better and "
+    "explain your reasoning with specific details. Your task is provided as follows:\n"
+    "Question: [{question}]\n"
+    "The first response: [{first}]\n"
+    "The second response: [{second}]\n"
+    "ASSISTANT:\n"
+)
+CRITIC_LABELS = ("first", "second")
+CRITIC_SYSTEM_PROMPT = "You are a helpful assistant."
+
+# LLaVA-Critic's conversation form (LLaVA-NeXT's "qwen_1_5": ChatML with a default system turn), used only
+# for a critic checkpoint whose processor ships no chat template of its own.
+CHATML_TEMPLATE = (
+    "{%- if messages[0]['role'] != 'system' -%}"
+    "{{ '<|im_start|>system\n" + CRITIC_SYSTEM_PROMPT + "<|im_end|>\n' }}"
+    "{%- endif -%}"
+    "{%- for message in messages -%}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}{%- for p in message['content'] -%}"
+    "{%- if p['type'] == 'image' -%}{{ '<image>\n' }}{%- elif p['type'] == 'text' -%}{{ p['text'] }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{ '<|im_end|>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}"
+)
+
+
+def critic_messages(question: str, first: str, second: str) -> list[dict]:
+    text = CRITIC_PAIRWISE_PROMPT.format(question=question, first=first, second=second)
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+
+
+def critic_prompt(processor, question: str, first: str, second: str) -> str:
+    """The critic's pairwise prompt through the critic's own chat template."""
+    template = getattr(processor, "chat_template", None) or CHATML_TEMPLATE
+    return processor.apply_chat_template(
+        critic_messages(question, first, second),
+        tokenize=False,
+        add_generation_prompt=True,
+        chat_template=template,
+    )

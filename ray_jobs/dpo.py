@@ -1,0 +1,151 @@
+"""DPO stage driver: one DPO run as a Ray Tune trial, so it can share the GPU and resume after a crash.
+
+The trial (``trainables/dpo.py``) continues a starting adapter (round 1: the soup's ``adapter/``; round r:
+round r-1's DPO ``adapter/``) on a preference parquet with TRL's DPOTrainer, the frozen copy of the
+starting adapter as reference. It asks for ``resources.cpus_per_trial`` / ``resources.gpus_per_trial``;
+an interrupted run resumes from its last epoch with ``Tuner.restore``. The artifact ``dpo-<key>/`` holds
+``adapter/`` (the whole policy, soup + DPO update, loadable alone with ``PeftModel.from_pretrained``),
+``metrics.parquet`` (loss, rewards and log-probabilities per logging step) and the manifest.
+
+Inside ``ray_jobs.pipeline`` the pairs and soup stages supply the inputs; on its own the driver takes them
+from two flags:
+
+    python -m ray_jobs.dpo configs/tiny.yaml --pairs PAIRS --start-adapter ADAPTER_DIR [key=value ...]
+
+``PAIRS`` is a preference parquet or a pairs artifact folder (its ``pairs.parquet``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from ray_jobs import model as model_job
+from ray_jobs.session import connect, parse_args, stage
+from vlm_posttrain.config import ExperimentConfig
+from vlm_posttrain.store import RunStore, build_manifest, digest
+
+ADAPTER = "adapter"
+CURVE = "metrics.parquet"
+
+
+def _ref(path: str) -> str:
+    """An input named by its last two path parts (``soup-<hash>/adapter``): stable when the root moves."""
+    return "/".join(Path(path).parts[-2:])
+
+
+def dpo_key(
+    cfg: ExperimentConfig, base: str, start_adapter_dir: str, pairs_path: str, round_index: int
+) -> str:
+    return digest(
+        "dpo", cfg.dpo.section(), base, _ref(start_adapter_dir), _ref(pairs_path), round_index, cfg.run.seed
+    )
+
+
+def make_tuner(cfg: ExperimentConfig, store: RunStore, key: str, setup):
+    from ray import tune
+
+    from trainables.dpo import train_dpo_trial
+
+    trainable = tune.with_resources(
+        tune.with_parameters(train_dpo_trial, setup=setup),
+        {"cpu": cfg.resources.cpus_per_trial, "gpu": cfg.resources.gpus_per_trial},
+    )
+    storage, name = store.tune_storage("dpo"), f"dpo-{key}"
+    path = f"{storage}/{name}"
+    if tune.Tuner.can_restore(path):
+        print(f"[dpo] resuming Tune experiment {path}")
+        return tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+    return tune.Tuner(
+        trainable,
+        param_space={},
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=storage,
+            failure_config=tune.FailureConfig(max_failures=cfg.resources.max_failures),
+            # The newest checkpoint: the last epoch while training, the finished policy at the end.
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            verbose=1,
+        ),
+    )
+
+
+def collect_policy(results, staging: Path, round_index: int) -> dict:
+    """Copy the trial's finished policy (adapter + learning curve) into the artifact; returns its summary."""
+    from vlm_posttrain.dpo import ADAPTER as POLICY_ADAPTER
+    from vlm_posttrain.dpo import CURVE as POLICY_CURVE
+
+    result = results[0]
+    if result.error:
+        raise RuntimeError(f"the DPO trial failed: {result.error}")
+    with result.checkpoint.as_directory() as d:
+        shutil.copytree(Path(d) / POLICY_ADAPTER, staging / ADAPTER)
+        curve = pd.read_parquet(Path(d) / POLICY_CURVE)
+    curve.insert(0, "round", round_index)
+    curve.to_parquet(staging / CURVE, index=False)
+    keep = ("train_loss", "first_loss", "epoch", "steps", "train_pairs")
+    summary = {k: result.metrics[k] for k in keep if k in result.metrics}
+    summary |= {k: v for k, v in result.metrics.items() if k.startswith(("rewards/", "logps/"))}
+    return summary
+
+
+def run(
+    cfg: ExperimentConfig,
+    store: RunStore,
+    base_dir: str,
+    start_adapter_dir: str,
+    pairs_dir: str,
+    round_index: int = 1,
+) -> str:
+    """Round ``round_index``: train from ``start_adapter_dir`` on ``pairs_dir``; returns the artifact path."""
+    from trainables.dpo import DpoSetup
+
+    base = base_dir if cfg.model.name != "tiny" else Path(base_dir).name
+    key = dpo_key(cfg, base, start_adapter_dir, pairs_dir, round_index)
+
+    def build() -> None:
+        connect()
+        start = time.time()
+        setup = DpoSetup(cfg.dpo, cfg.model, base_dir, str(start_adapter_dir), str(pairs_dir), cfg.run.seed)
+        results = make_tuner(cfg, store, key, setup).fit()
+        staging = store.staging("dpo", key)
+        summary = collect_policy(results, staging, round_index)
+        manifest = build_manifest(
+            "dpo",
+            cfg.dpo.section(),
+            {"model": base_dir, "start_adapter": str(start_adapter_dir), "pairs": str(pairs_dir)},
+            cfg.run.seed,
+            metrics={"round": round_index, **summary},
+            timings={"train_s": time.time() - start},
+            resources=cfg.section("resources"),
+            tune_experiment=f"{store.tune_storage('dpo')}/dpo-{key}",
+        )
+        store.publish(staging, "dpo", key, manifest)
+
+    return stage("dpo", key, store, build)
+
+
+def main(argv: list[str] | None = None) -> None:
+    inputs = argparse.ArgumentParser(add_help=False)
+    inputs.add_argument(
+        "--pairs", help="preference parquet, or a pairs artifact folder holding pairs.parquet"
+    )
+    inputs.add_argument("--start-adapter", help="PEFT adapter folder to start from (a soup's adapter/)")
+    inputs.add_argument("--round", type=int, default=1, help="round number (1 = from the soup)")
+    known, rest = inputs.parse_known_args(argv)
+    cfg, store = parse_args(__doc__, rest)
+    if not (known.pairs and known.start_adapter):
+        raise SystemExit(
+            "error: on its own the dpo driver needs --pairs and --start-adapter; "
+            "python -m ray_jobs.pipeline supplies them from the pairs and soup stages"
+        )
+    base_dir = model_job.run(cfg, store)
+    print(run(cfg, store, base_dir, known.start_adapter, known.pairs, known.round))
+
+
+if __name__ == "__main__":
+    main()

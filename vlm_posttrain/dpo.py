@@ -1,0 +1,346 @@
+"""The DPO stage's work: TRL's ``DPOTrainer`` continues the soup's (or last round's) adapter on pairs.
+
+The policy is the base model with the starting adapter loaded *trainable* and no ``peft_config``, so TRL
+copies that adapter into a frozen one named ``ref``: the reference is the starting policy, with no second
+copy of the base model and nothing merged into (4-bit) base weights. The first logged loss must then be
+the loss at zero margin (ln 2 for ``sigmoid``); a run whose first loss is not stops at once.
+
+Pairs come in the preference-row layout (``images``, ``prompt``, ``chosen``, ``rejected`` in TRL's
+conversational vision format) and are rendered by TRL's vision collator through the processor's chat
+template, which ``modeling.load_processor`` sets to this project's LLaVA-1.5 template: the same bytes as
+SFT and evaluation. A pair whose prompt (image tokens included) plus longer answer exceeds
+``dpo.max_length`` is an error, never truncated.
+
+The saved adapter (``<out_dir>/policy/adapter``) is the trained ``default`` adapter alone: the whole
+policy (soup + DPO update), loadable with ``PeftModel.from_pretrained(base, dir)``.
+
+    metrics = train_dpo(cfg.dpo, cfg.model, base_dir, soup_dir / "adapter", pairs_path, out_dir, seed=0)
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from transformers import TrainerCallback
+from trl import DPOConfig as TrlDPOConfig
+from trl import DPOTrainer
+
+from vlm_posttrain import modeling, prompts
+from vlm_posttrain.config import DpoConfig, ModelConfig
+from vlm_posttrain.data import DataError
+from vlm_posttrain.sft import image_token_count
+
+PAIR_COLUMNS = ("images", "prompt", "chosen", "rejected")
+PAIRS_FILE = "pairs.parquet"
+POLICY = "policy"  # <out_dir>/policy/: the finished run (adapter/, metrics.parquet, summary.json)
+ADAPTER = "adapter"
+CURVE = "metrics.parquet"
+SUMMARY = "summary.json"
+REFERENCE = "ref"  # the name TRL gives the frozen copy of the starting adapter
+CURVE_KEYS = (
+    "step",
+    "epoch",
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+    "learning_rate",
+)
+
+
+def zero_margin_loss(loss_type: str, beta: float) -> float:
+    """The loss when policy and reference agree (every log-ratio 0): what the first step must log."""
+    return {
+        "sigmoid": math.log(2),
+        "sigmoid_norm": math.log(2),
+        "hinge": 1.0,
+        "ipo": (1 / (2 * beta)) ** 2,
+        "bco_pair": 2 * math.log(2),
+        "apo_zero": 1.0,
+    }[loss_type]
+
+
+# ---- preference rows -> TRL's vision preference dataset ----------------------------------------------
+
+
+def find_pairs(path: str | Path) -> Path:
+    """The preference parquet: the file itself, or ``pairs.parquet`` (or the only parquet) in a folder."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    candidates = [path / PAIRS_FILE] if (path / PAIRS_FILE).is_file() else sorted(path.glob("*.parquet"))
+    if len(candidates) != 1:
+        raise DataError(f"{path}: expected a preference parquet or a folder holding {PAIRS_FILE}")
+    return candidates[0]
+
+
+def load_pairs(path: str | Path) -> pd.DataFrame:
+    file = find_pairs(path)
+    df = pd.read_parquet(file)
+    missing = [c for c in PAIR_COLUMNS if c not in df.columns]
+    if missing:
+        raise DataError(f"{file}: missing preference column(s) {', '.join(missing)}; re-run the pairs stage")
+    if df.empty:
+        raise DataError(f"{file}: no preference pairs; the pairs stage found no usable verdicts")
+    return df
+
+
+def _plain(value: Any) -> Any:
+    """Parquet round-trips lists as arrays and merges struct fields (an image part gets ``text: None``):
+    back to plain lists and dicts without the null fields, as TRL's message helpers expect."""
+    if isinstance(value, np.ndarray | list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items() if v is not None}
+    return value
+
+
+def structured(messages: list[dict], n_images: int) -> list[dict]:
+    """Messages with list contents, string contents converted the way TRL's collator converts them (the
+    images before the text of the first user turn with string content), so what is measured here is what
+    TRL renders. The pairs stage writes string contents; list contents pass unchanged."""
+    out, placed = [], False
+    for message in messages:
+        content = message["content"]
+        if isinstance(content, str):
+            content = [{"type": "text", "text": content}]
+            if message["role"] == "user" and not placed:
+                content = [{"type": "image"} for _ in range(n_images)] + content
+                placed = True
+        out.append({"role": message["role"], "content": content})
+    return out
+
+
+def decode_pair_image(value: Any) -> Image.Image:
+    """One entry of ``images``: raw bytes, a ``{bytes, path}`` struct, or a PIL image."""
+    if isinstance(value, Image.Image):
+        return value.convert("RGB")
+    if isinstance(value, dict):
+        value = value.get("bytes") or Path(value["path"]).read_bytes()
+    return Image.open(io.BytesIO(value)).convert("RGB")
+
+
+def render_pair(processor, prompt: list[dict], completion: list[dict]) -> tuple[str, str]:
+    """(prompt text with the generation prompt, completion text), split where TRL's collator splits them.
+
+    The prompt must be a prefix of the rendered prompt+completion, so that prompt + completion is byte for
+    byte the SFT rendering of the same conversation.
+    """
+    prompt_text = prompts.render(processor, prompt, add_generation_prompt=True)
+    full = prompts.render(processor, prompt + completion)
+    if not full.startswith(prompt_text):
+        raise DataError("the chat template renders the prompt differently with and without its answer")
+    return prompt_text, full[len(prompt_text) :]
+
+
+def pair_length(processor, prompt, chosen, rejected, image_tokens: int) -> tuple[int, int, int]:
+    """Token counts of what the collator will build, every ``<image>`` expanded: (through the last image
+    token, the prompt, the prompt + the longer answer)."""
+
+    def count(text: str) -> int:
+        return len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    prompt_text, chosen_text = render_pair(processor, prompt, chosen)
+    _, rejected_text = render_pair(processor, prompt, rejected)
+    extra = prompt_text.count(prompts.IMAGE_TOKEN) * (image_tokens - 1)
+    last_image = prompt_text.rfind(prompts.IMAGE_TOKEN) + len(prompts.IMAGE_TOKEN)
+    n_prompt = count(prompt_text) + extra
+    return (
+        count(prompt_text[:last_image]) + extra,
+        n_prompt,
+        n_prompt + max(map(count, (chosen_text, rejected_text))),
+    )
+
+
+def _cut(image_end: int, n_prompt: int, max_length: int) -> str:
+    if image_end > max_length:
+        return "image tokens"
+    return "the prompt" if n_prompt > max_length else "the answer"
+
+
+def to_dpo_dataset(pairs_df: pd.DataFrame, processor, max_length: int) -> datasets.Dataset:
+    """TRL's vision preference rows; fails, naming the row, when a pair would not fit ``max_length`` whole."""
+    image_tokens = image_token_count(processor)
+    records = []
+    for i, row in enumerate(pairs_df.to_dict("records")):
+        row_id = row.get("example_id", f"#{i}")
+        images = [decode_pair_image(v) for v in _plain(row["images"])]
+        prompt = structured(_plain(row["prompt"]), len(images))
+        chosen, rejected = (structured(_plain(row[c]), 0) for c in ("chosen", "rejected"))
+        placeholders = sum(1 for m in prompt for p in m["content"] if p["type"] == "image")
+        if not images or placeholders != len(images):
+            raise DataError(
+                f"pair '{row_id}': {len(images)} image(s) for {placeholders} image placeholder(s) in the "
+                "prompt; every pair needs its image in the prompt"
+            )
+        image_end, n_prompt, n = pair_length(processor, prompt, chosen, rejected, image_tokens)
+        if n > max_length:
+            cut = _cut(image_end, n_prompt, max_length)
+            raise DataError(
+                f"pair '{row_id}': {n} tokens (the prompt {n_prompt}, with {image_tokens} per image) exceed "
+                f"dpo.max_length={max_length} and would cut {cut}; raise dpo.max_length"
+            )
+        records.append({"images": images, "prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return datasets.Dataset.from_list(records)
+
+
+# ---- the policy and the trainer -------------------------------------------------------------------------
+
+
+def load_policy(model_cfg: ModelConfig, base_dir: str | Path, start_adapter_dir: str | Path):
+    """Base model + the starting adapter, trainable; TRL adds the frozen ``ref`` copy itself."""
+    base = modeling.load_base(str(base_dir), model_cfg)
+    if getattr(base, "is_loaded_in_4bit", False):
+        from peft import prepare_model_for_kbit_training
+
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+    return modeling.load_adapter(base, start_adapter_dir, trainable=True)
+
+
+def trainer_args(dpo: DpoConfig, out_dir: Path, seed: int, compute_dtype: str) -> TrlDPOConfig:
+    cuda = torch.cuda.is_available()
+    return TrlDPOConfig(
+        output_dir=str(out_dir),
+        per_device_train_batch_size=dpo.batch_size,
+        gradient_accumulation_steps=dpo.grad_accum,
+        num_train_epochs=dpo.epochs,
+        learning_rate=dpo.learning_rate,
+        warmup_steps=dpo.warmup_ratio,  # transformers 5: a float < 1 is a ratio
+        weight_decay=dpo.weight_decay,
+        beta=dpo.beta,
+        loss_type=[dpo.loss_type],
+        # Every pair was checked to fit dpo.max_length whole; TRL must cut nothing.
+        max_length=None,
+        # Not supported for vision data; the reference runs beside the policy (the `ref` adapter).
+        precompute_ref_log_probs=False,
+        logging_steps=dpo.logging_steps,
+        # Step 1 on its own: its loss is the zero-margin check of the reference.
+        logging_first_step=True,
+        save_strategy="epoch",
+        save_total_limit=1,
+        use_cpu=not cuda,
+        bf16=cuda and compute_dtype == "bfloat16",
+        fp16=False,
+        report_to="none",
+        seed=seed,
+        data_seed=seed,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+
+
+def match_reference_dtype(model) -> None:
+    """TRL casts the trainable adapter to bf16 on a 4-bit base but leaves its ``ref`` copy in fp32; cast the
+    copy alike so the reference equals the starting policy exactly."""
+    params = dict(model.named_parameters())
+    for name, param in params.items():
+        if f".{REFERENCE}." in name:
+            policy = params.get(name.replace(f".{REFERENCE}.", ".default."))
+            if policy is not None and policy.dtype != param.dtype:
+                param.data = param.data.to(policy.dtype)
+
+
+def build_trainer(
+    dpo: DpoConfig,
+    model_cfg: ModelConfig,
+    base_dir: str | Path,
+    start_adapter_dir: str | Path,
+    train: datasets.Dataset,
+    processor,
+    out_dir: Path,
+    seed: int,
+    callbacks: Sequence[TrainerCallback] = (),
+) -> DPOTrainer:
+    policy = load_policy(model_cfg, base_dir, start_adapter_dir)
+    trainer = DPOTrainer(
+        model=policy,
+        args=trainer_args(dpo, out_dir, seed, model_cfg.compute_dtype),
+        train_dataset=train,
+        processing_class=processor,
+        callbacks=[ReferenceCheck(zero_margin_loss(dpo.loss_type, dpo.beta)), *callbacks],
+    )
+    if REFERENCE not in trainer.model.peft_config:
+        raise RuntimeError("TRL kept no frozen copy of the starting adapter; the reference would be the base")
+    match_reference_dtype(trainer.model)
+    return trainer
+
+
+class ReferenceCheck(TrainerCallback):
+    """Stops the run at step 1 unless its loss is the zero-margin loss (else the reference is wrong)."""
+
+    def __init__(self, expected: float, tolerance: float = 1e-2):
+        self.expected, self.tolerance = expected, tolerance
+        self.first_loss: float | None = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.first_loss is not None or not logs or "loss" not in logs or state.global_step != 1:
+            return
+        self.first_loss = float(logs["loss"])
+        if abs(self.first_loss - self.expected) > self.tolerance:
+            raise RuntimeError(
+                f"first DPO loss {self.first_loss:.4f}, expected {self.expected:.4f} at zero margin: the "
+                "reference model is not the starting policy"
+            )
+
+
+# ---- the stage's core function -------------------------------------------------------------------------
+
+
+def learning_curve(log_history: list[dict]) -> pd.DataFrame:
+    """The Trainer's training logs (one row per logging step): step, loss, rewards/*, logps/*."""
+    rows = [{k: h[k] for k in CURVE_KEYS if k in h} for h in log_history if "loss" in h and "step" in h]
+    return pd.DataFrame(rows, columns=[k for k in CURVE_KEYS if any(k in r for r in rows)])
+
+
+def save_policy(trainer: DPOTrainer, folder: Path, metrics: dict) -> None:
+    """The trained adapter alone (not ``ref``), the learning curve and the summary, in one folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    trainer.model.save_pretrained(str(folder / ADAPTER), selected_adapters=["default"])
+    learning_curve(trainer.state.log_history).to_parquet(folder / CURVE, index=False)
+    (folder / SUMMARY).write_text(json.dumps(metrics, indent=2))
+
+
+def train_dpo(
+    dpo_cfg: DpoConfig,
+    model_cfg: ModelConfig,
+    base_dir: str | Path,
+    start_adapter_dir: str | Path,
+    pairs_path: str | Path,
+    out_dir: str | Path,
+    seed: int,
+    callbacks: Sequence[TrainerCallback] = (),
+    resume_from: str | None = None,
+) -> dict:
+    """One DPO run from the starting adapter; the policy lands in ``out_dir/policy/``; returns its metrics."""
+    out_dir = Path(out_dir)
+    processor = modeling.load_processor(str(base_dir), model_cfg.trust_remote_code)
+    train = to_dpo_dataset(load_pairs(pairs_path), processor, dpo_cfg.max_length)
+    trainer = build_trainer(
+        dpo_cfg, model_cfg, base_dir, start_adapter_dir, train, processor, out_dir, seed, callbacks
+    )
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    curve = learning_curve(trainer.state.log_history)
+    last = curve.iloc[-1].to_dict() if len(curve) else {}
+    metrics = {
+        "train_loss": float(result.training_loss),
+        "first_loss": float(curve["loss"].iloc[0]) if len(curve) else float("nan"),
+        "epoch": float(trainer.state.epoch or 0),
+        "steps": int(trainer.state.global_step),
+        "train_pairs": len(train),
+        **{k: float(v) for k, v in last.items() if k.startswith(("rewards/", "logps/"))},
+    }
+    save_policy(trainer, out_dir / POLICY, metrics)
+    return metrics
