@@ -262,6 +262,63 @@ class DpoConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    # Which model variants answer the test split: the base, every SFT trial, the soup, every DPO round.
+    variants: list = field(default_factory=lambda: ["base", "sft", "soup", "dpo"])
+    # Each system prompt multiplies the variants ("" is none): a system-prompt ablation costs one line.
+    system_prompts: list = field(default_factory=lambda: [""])
+    # Answers per test prompt; temperature 0 is greedy (then samples must be 1).
+    samples: int = 1
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_new_tokens: int = 128
+    # Test prompts to use (the first ones of test.parquet); 0 uses all.
+    limit: int = 0
+    judges: list = field(default_factory=lambda: ["reference"])
+    # The critic checkpoint (hub id or folder) for judge "critic", and how its score is read.
+    critic_model: str = ""
+    critic_mode: Literal["generate", "expected"] = "generate"
+    critic_max_new_tokens: int = 256
+    # Execution only (not part of the artifact's hash).
+    actors: int = 1
+    batch_size: int = 16
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+
+    def validate(self) -> None:
+        for kind in self.variants:
+            if kind not in ("base", "sft", "soup", "dpo"):
+                raise ValueError(
+                    f"variants: '{kind}' is not a variant kind; choose from base, sft, soup, dpo"
+                )
+        if not self.variants:
+            raise ValueError("variants: list at least one of base, sft, soup, dpo")
+        if not self.system_prompts or not all(isinstance(p, str) for p in self.system_prompts):
+            raise ValueError("system_prompts: give a list of strings ('' for no system prompt)")
+        for judge in self.judges:
+            if judge not in ("reference", "critic"):
+                raise ValueError(f"judges: '{judge}' is not a judge; choose from reference, critic")
+        if "critic" in self.judges and not self.critic_model:
+            raise ValueError("critic_model: judge 'critic' needs critic_model (a hub id or model folder)")
+        if self.samples < 1 or (self.temperature == 0 and self.samples > 1):
+            raise ValueError(
+                "samples: must be >= 1, and 1 with temperature 0 (greedy answers are all the same)"
+            )
+        if self.temperature < 0 or not 0.0 < self.top_p <= 1.0:
+            raise ValueError("temperature: must be >= 0 and top_p in (0, 1]")
+        for name in ("max_new_tokens", "critic_max_new_tokens", "actors", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1")
+        if self.limit < 0:
+            raise ValueError("limit: must be >= 0 (0 uses every test prompt)")
+
+    def section(self) -> dict[str, Any]:
+        """The settings that decide the answers and scores (the artifact's hash): execution left out."""
+        skip = {"actors", "batch_size", "num_cpus", "num_gpus"}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+
+
+@dataclass(frozen=True)
 class ResourcesConfig:
     cpus_per_trial: float = 1.0
     # A fraction of one GPU per trial (Ray's scheduling label), 0 for CPU-only, or "auto": as many trials per
@@ -294,6 +351,7 @@ class ExperimentConfig:
     soup: SoupConfig = field(default_factory=SoupConfig)
     pairs: PairsConfig = field(default_factory=PairsConfig)
     dpo: DpoConfig = field(default_factory=DpoConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     # The file this config was loaded from; set by load_config, never read from YAML.
     source: str = field(default="", metadata={"internal": True})

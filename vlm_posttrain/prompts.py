@@ -206,3 +206,27 @@ def critic_prompt(processor, question: str, first: str, second: str) -> str:
         add_generation_prompt=True,
         chat_template=template,
     )
+
+
+# ---- Critic scoring: LLaVA-Critic's own pointwise prompt, verbatim (its typo "answer answers" included) ----
+CRITIC_POINTWISE_PROMPT = (
+    "Given an image and a corresponding question, please serve as an unbiased and fair judge to evaluate the "
+    "quality of answer answers provided by a Large Multimodal Model (LMM). Score the response out of 100 and "
+    "explain your reasoning with specific details. Your task is provided as follows:\n"
+    "Question: [{question}]\n"
+    "The LMM response: [{answer}]\n"
+    "ASSISTANT:\n"
+)
+# The `expected` scoring mode reads the critic's score-token probabilities right after this fixed opening of
+# its answer, so it never has to parse free text.
+CRITIC_SCORE_PREFIX = "Score:"
+
+
+def critic_pointwise_prompt(processor, question: str, answer: str) -> str:
+    """The critic's pointwise prompt through the critic's own chat template."""
+    text = CRITIC_POINTWISE_PROMPT.format(question=question, answer=answer)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    template = getattr(processor, "chat_template", None) or CHATML_TEMPLATE
+    return processor.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True, chat_template=template
+    )

@@ -160,3 +160,74 @@ def build_tiny_base(out_dir: str | Path, examples: int, epochs: float, seed: int
         )
         build_splits(data_cfg, seed + 1_000_003, Path(tmp) / "data")
         return pretrain_full(raw, Path(tmp) / "data", out_dir, epochs=epochs, seed=seed)
+
+
+def build_tiny_critic(out_dir: str | Path, seed: int = 0) -> Path:
+    """A tiny LLaVA-OneVision (SigLIP + Qwen2), the architecture of LLaVA-Critic-7B, saved like a checkpoint.
+
+    Its processor ships no chat template, as a converted critic checkpoint may not: the critic prompts then
+    fall back to LLaVA-Critic's ChatML form (``prompts.CHATML_TEMPLATE``).
+    """
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessorPil,
+        LlavaOnevisionProcessor,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
+
+    tok = build_tokenizer()
+    tok.chat_template = None
+    grid = [[32, 32], [32, 64], [64, 32]]
+    image_processor = LlavaOnevisionImageProcessorPil(
+        size={"height": 32, "width": 32}, image_grid_pinpoints=grid
+    )
+    # Without torchvision no video processor can be built: the same class minus that part (as the loader does).
+    attributes = ["image_processor", "tokenizer"]
+    image_only = type(
+        "LlavaOnevisionProcessor",
+        (LlavaOnevisionProcessor,),
+        {"get_attributes": classmethod(lambda _: attributes)},
+    )
+    processor = image_only(
+        image_processor=image_processor,
+        tokenizer=tok,
+        num_image_tokens=16,
+        vision_feature_select_strategy="full",
+    )
+    vision = SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+    )
+    text = Qwen2Config(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tok),
+        max_position_embeddings=2048,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    config = LlavaOnevisionConfig(
+        vision_config=vision,
+        text_config=text,
+        image_grid_pinpoints=grid,
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        video_token_index=tok.unk_token_id,
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+    )
+    torch.manual_seed(seed)
+    model = LlavaOnevisionForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return Path(out_dir)

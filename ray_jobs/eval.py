@@ -1,0 +1,165 @@
+"""Eval stage driver: every model variant answers the test split on a Ray Data actor pool, judges score it.
+
+``test.parquet`` (first ``eval.limit`` examples) x variants x system prompts becomes one task table ->
+``map_batches(AnswerTests)`` on an actor pool (each actor loads the base once and attaches every variant's
+adapter by name) -> ``map_batches(score_reference)`` and/or ``map_batches(ScoreWithCritic)`` (the critic
+loaded once per actor) -> ``evaluation.parquet``: one row per (variant, system prompt, example, sample) with
+the answer, token count, latency and every judge's score and raw text.
+
+    python -m ray_jobs.eval configs/tiny.yaml [key=value ...]
+
+Run alone, it evaluates the base and the SFT trials of the config's SFT stage (building it if needed).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from ray_jobs import data as data_job
+from ray_jobs import model as model_job
+from ray_jobs import sft as sft_job
+from ray_jobs.pairs import actor_options, artifact_ref
+from ray_jobs.session import connect, parse_args, stage
+from vlm_posttrain.config import EvalConfig, ExperimentConfig, ModelConfig
+from vlm_posttrain.data import decode_image, load_split
+from vlm_posttrain.evaluation import CriticScorer, Variant, VariantAnswerer, critic_scores, reference_scores
+from vlm_posttrain.generation import Sampling
+from vlm_posttrain.store import RunStore, build_manifest, digest
+
+TABLE = "evaluation.parquet"
+
+
+class AnswerTests:
+    """Ray Data actor: base model once, every variant's adapter attached; answers each batch of tasks."""
+
+    def __init__(
+        self, base_dir: str, model_cfg: ModelConfig, variants: list[Variant], cfg: EvalConfig, seed: int
+    ):
+        self.answerer = VariantAnswerer(base_dir, model_cfg, variants)
+        self.sampling = Sampling(cfg.temperature, cfg.top_p, cfg.max_new_tokens)
+        self.samples, self.seed = cfg.samples, seed
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        rows = pd.DataFrame(self.answerer.answer_rows(batch, self.sampling, self.samples, self.seed))
+        # The critic needs the image again; keep its bytes beside the answer until scoring is done.
+        images = batch.drop_duplicates("example_id").set_index("example_id")["image"]
+        return rows.assign(image=rows["example_id"].map(images))
+
+
+class ScoreWithCritic:
+    """Ray Data actor: the critic VLM, loaded once, scores each batch of answers."""
+
+    def __init__(self, cfg: EvalConfig):
+        self.scorer = CriticScorer.load(cfg.critic_model, cfg.critic_mode, cfg.critic_max_new_tokens)
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        return critic_scores(self.scorer, batch, [decode_image(b) for b in batch["image"]])
+
+
+def variants_of(
+    cfg: ExperimentConfig, sft_dir: str | None, soup_dir: str | None, dpo_dirs=()
+) -> list[Variant]:
+    """The variants the config asks for, from the artifacts the pipeline built."""
+    kinds = set(cfg.eval.variants)
+    variants = [Variant("base")] if "base" in kinds else []
+    if "sft" in kinds and sft_dir:
+        trials = pd.read_parquet(Path(sft_dir) / sft_job.TABLE)
+        variants += [
+            Variant(f"sft/{t.trial_id}", str(Path(sft_dir) / t.adapter)) for t in trials.itertuples()
+        ]
+    if "soup" in kinds and soup_dir:
+        variants.append(Variant(f"soup/{cfg.soup.method}", str(Path(soup_dir) / "adapter")))
+    if "dpo" in kinds:
+        variants += [Variant(f"dpo/round{i}", str(Path(d) / "adapter")) for i, d in enumerate(dpo_dirs, 1)]
+    return variants
+
+
+def task_table(cfg: EvalConfig, data_dir: str, variants: list[Variant]) -> pd.DataFrame:
+    test = load_split(data_dir, "test")
+    if cfg.limit:
+        test = test.head(cfg.limit)
+    if test.empty:
+        raise ValueError(f"{data_dir}: the test split is empty; raise data.test_fraction")
+    frames = [test.assign(variant=v.name, system_prompt=p) for v in variants for p in cfg.system_prompts]
+    cols = ["variant", "system_prompt", "example_id", "image", "conversations", "answer_type"]
+    return pd.concat(frames, ignore_index=True)[cols]
+
+
+def evaluate_with_ray(
+    cfg: ExperimentConfig, base_dir: str, data_dir: str, variants: list[Variant]
+) -> pd.DataFrame:
+    import ray
+
+    e = cfg.eval
+    tasks = task_table(e, data_dir, variants)
+    ds = ray.data.from_pandas(tasks).repartition(max(1, math.ceil(len(tasks) / e.batch_size))).materialize()
+    ds = ds.map_batches(
+        AnswerTests,
+        fn_constructor_kwargs={
+            "base_dir": base_dir,
+            "model_cfg": cfg.model,
+            "variants": variants,
+            "cfg": e,
+            "seed": cfg.run.seed,
+        },
+        **actor_options(e),
+    )
+    if "reference" in e.judges:
+        ds = ds.map_batches(reference_scores, batch_format="pandas")
+    if "critic" in e.judges:
+        ds = ds.map_batches(ScoreWithCritic, fn_constructor_kwargs={"cfg": e}, **actor_options(e))
+    out = ds.to_pandas().drop(columns=["image"])
+    return out.sort_values(["variant", "system_prompt", "example_id", "sample"], ignore_index=True)
+
+
+def eval_key(
+    cfg: ExperimentConfig, store: RunStore, base_dir: str, data_dir: str, variants: list[Variant]
+) -> str:
+    base = Path(base_dir).name if cfg.model.name == "tiny" else base_dir
+    refs = [(v.name, artifact_ref(store, v.adapter) if v.adapter else None) for v in variants]
+    return digest("eval", cfg.eval.section(), base, Path(data_dir).name, refs, cfg.run.seed)
+
+
+def run(cfg: ExperimentConfig, store: RunStore, base_dir: str, data_dir: str, variants: list[Variant]) -> str:
+    key = eval_key(cfg, store, base_dir, data_dir, variants)
+
+    def build() -> None:
+        connect()
+        start = time.time()
+        table = evaluate_with_ray(cfg, base_dir, data_dir, variants)
+        staging = store.staging("eval", key)
+        table.to_parquet(staging / TABLE, index=False)
+        scores = {
+            c: table.groupby("variant")[c].mean().round(3).to_dict() for c in table if c.endswith("/score")
+        }
+        manifest = build_manifest(
+            "eval",
+            cfg.section("eval"),
+            {"model": base_dir, "data": data_dir, **{v.name: v.adapter or base_dir for v in variants}},
+            cfg.run.seed,
+            metrics={"rows": len(table), "variants": len(variants), "mean_scores": scores},
+            timings={"eval_s": time.time() - start},
+        )
+        store.publish(staging, "eval", key, manifest)
+
+    path = stage("eval", key, store, build)
+    table = pd.read_parquet(Path(store.local_path("eval", key)) / TABLE)
+    score_cols = [c for c in table.columns if c.endswith("/score")]
+    print(table.groupby("variant")[score_cols].mean().round(2).to_string())
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg, store = parse_args(__doc__, argv)
+    base_dir = model_job.run(cfg, store)
+    data_dir = data_job.run(cfg, store)
+    sft_dir = sft_job.run(cfg, store, base_dir, data_dir)
+    print(run(cfg, store, base_dir, data_dir, variants_of(cfg, sft_dir, None)))
+
+
+if __name__ == "__main__":
+    main()

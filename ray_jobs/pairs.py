@@ -1,0 +1,198 @@
+"""Pairs stage driver: K sampled answers per train prompt, judged in pairs, as DPO preference data.
+
+A Ray Data pipeline: ``train.parquet`` (first ``pairs.limit`` prompts) -> ``repartition`` into one block per
+batch -> ``map_batches(GenerateAnswers)`` on an actor pool (each actor loads the policy, base + adapter, once)
+-> ``map_batches(JudgeAnswers)`` on a second pool (``self`` loads the policy again, ``critic`` the critic) ->
+collected here. The work itself is in ``vlm_posttrain.pairs``; the artifact holds ``pairs.parquet`` (TRL's
+vision preference format), ``best_of_k/`` (an SFT data folder), ``samples.parquet`` and
+``diagnostics.parquet``, and the manifest carries the bias diagnostics. Pool size, batch size and each
+actor's ``num_cpus`` / ``num_gpus`` come from the ``pairs`` section; they are not part of the artifact's hash.
+
+    python -m ray_jobs.pairs configs/tiny.yaml [key=value ...]
+
+Run alone, it builds (or reuses) model, data and sft, and uses the best SFT trial's adapter as the policy.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+
+from ray_jobs import data as data_job
+from ray_jobs import model as model_job
+from ray_jobs import sft as sft_job
+from ray_jobs.session import connect, parse_args, stage
+from vlm_posttrain.config import ExperimentConfig, ModelConfig, PairsConfig
+from vlm_posttrain.pairs import DIAGNOSTICS, generate_samples, judge_samples, write_outputs
+from vlm_posttrain.store import MANIFEST, RunStore, build_manifest, digest
+
+
+class GenerateAnswers:
+    """Ray Data actor: the policy, loaded once, answers each batch k times."""
+
+    def __init__(self, base_dir: str, model_cfg: ModelConfig, adapter_dir: str, cfg: PairsConfig, seed: int):
+        from vlm_posttrain.generation import Generator
+
+        self.generator = Generator.load(base_dir, model_cfg, adapter_dir)
+        self.cfg, self.seed = cfg, seed
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        return generate_samples(self.generator, batch, self.cfg, self.seed)
+
+
+class JudgeAnswers:
+    """Ray Data actor: the configured judge, loaded once, judges every pair of each row's samples."""
+
+    def __init__(self, base_dir: str, model_cfg: ModelConfig, adapter_dir: str, cfg: PairsConfig):
+        from vlm_posttrain.judges import build_judge
+
+        self.judge = build_judge(cfg, base_dir, model_cfg, adapter_dir)
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        return judge_samples(self.judge, batch)
+
+
+def artifact_ref(store: RunStore, path: str) -> str:
+    """A path inside the run root as its root-relative name (hashes survive moving the root)."""
+    try:
+        return str(Path(path).relative_to(store.base))
+    except ValueError:
+        return str(path)
+
+
+def pairs_key(cfg: ExperimentConfig, store: RunStore, base_dir: str, data_dir: str, adapter_dir: str) -> str:
+    base = Path(base_dir).name if cfg.model.name == "tiny" else base_dir
+    return digest(
+        "pairs",
+        cfg.pairs.section(),
+        base,
+        Path(data_dir).name,
+        artifact_ref(store, adapter_dir),
+        cfg.run.seed,
+    )
+
+
+def actor_options(p: PairsConfig) -> dict:
+    import ray
+
+    options = {
+        "compute": ray.data.ActorPoolStrategy(size=p.actors),
+        "batch_size": p.batch_size,
+        "batch_format": "pandas",
+        "num_cpus": p.num_cpus,
+    }
+    if p.num_gpus > 0:
+        options["num_gpus"] = p.num_gpus
+    return options
+
+
+def judge_with_ray(cfg: ExperimentConfig, base_dir: str, data_dir: str, adapter_dir: str) -> pd.DataFrame:
+    """Read, generate, judge on actor pools; returns the judged rows (one per prompt)."""
+    import ray
+
+    p = cfg.pairs
+    path = str(Path(data_dir) / "train.parquet")
+    rows = pq.ParquetFile(path).metadata.num_rows
+    ds = ray.data.read_parquet(path)
+    if p.limit:
+        ds = ds.limit(p.limit)
+        rows = min(rows, p.limit)
+    # One parquet file is one block: split it so every actor of the pool gets work, one batch per block.
+    # Materialized before the actor pools start: once they hold every CPU (2 actors on a 2-CPU machine),
+    # a read task would wait for a CPU forever.
+    ds = ds.repartition(max(1, math.ceil(rows / p.batch_size))).materialize()
+    ds = ds.map_batches(
+        GenerateAnswers,
+        fn_constructor_kwargs={
+            "base_dir": base_dir,
+            "model_cfg": cfg.model,
+            "adapter_dir": adapter_dir,
+            "cfg": p,
+            "seed": cfg.run.seed,
+        },
+        **actor_options(p),
+    )
+    ds = ds.map_batches(
+        JudgeAnswers,
+        fn_constructor_kwargs={
+            "base_dir": base_dir,
+            "model_cfg": cfg.model,
+            "adapter_dir": adapter_dir,
+            "cfg": p,
+        },
+        **actor_options(p),
+    )
+    return ds.to_pandas().sort_values("example_id", ignore_index=True)
+
+
+def run(cfg: ExperimentConfig, store: RunStore, base_dir: str, data_dir: str, policy_adapter_dir: str) -> str:
+    """Build (or reuse) the pairs artifact for this policy; returns its path."""
+    key = pairs_key(cfg, store, base_dir, data_dir, policy_adapter_dir)
+
+    def build() -> None:
+        connect()
+        start = time.time()
+        judged = judge_with_ray(cfg, base_dir, data_dir, policy_adapter_dir)
+        pipeline_s = time.time() - start
+        staging = store.staging("pairs", key)
+        metrics = write_outputs(judged, cfg.pairs.judge, data_dir, staging)
+        metrics["tokens_per_s_wall"] = metrics["generated_tokens"] / pipeline_s if pipeline_s > 0 else 0.0
+        manifest = build_manifest(
+            "pairs",
+            cfg.section("pairs"),
+            {"model": base_dir, "data": data_dir, "policy": policy_adapter_dir},
+            cfg.run.seed,
+            metrics=metrics,
+            timings={"pipeline_s": pipeline_s, "total_s": time.time() - start},
+        )
+        store.publish(staging, "pairs", key, manifest)
+        if metrics["pairs"] == 0:
+            print("[pairs] WARNING: no prompt kept a pair (every best sample tied its worst)")
+
+    path = stage("pairs", key, store, build)
+    local = Path(store.local_path("pairs", key))
+    print_summary(pd.read_parquet(local / DIAGNOSTICS), json.loads((local / MANIFEST).read_text())["metrics"])
+    return path
+
+
+def print_summary(table: pd.DataFrame, metrics: dict) -> None:
+    with pd.option_context("display.width", 160, "display.max_columns", 10, "display.max_colwidth", 70):
+        print(table.round(3).to_string(index=False))
+    print(
+        f"[pairs] {metrics['pairs']} pairs from {metrics['prompts']} prompts; "
+        f"{metrics['generated_tokens']} tokens generated, {metrics['tokens_per_s_per_actor']:.1f} tokens/s per "
+        f"generator actor, {metrics.get('tokens_per_s_wall', 0.0):.1f} tokens/s over the whole pipeline"
+    )
+
+
+def in_artifact(store: RunStore, artifact_path: str, *parts: str) -> str:
+    """A path inside a published artifact, on this machine (a cached copy when the run root is remote).
+
+    The policy of round 1 is ``in_artifact(store, soup_dir, "adapter")``; a later round's is the last DPO
+    artifact's ``policy/adapter``.
+    """
+    stage_name, key = Path(artifact_path).name.split("-", 1)
+    return str(Path(store.local_path(stage_name, key), *parts))
+
+
+def best_sft_adapter(store: RunStore, sft_path: str) -> str:
+    """The adapter of the SFT trial with the lowest validation loss (the policy when no soup is given)."""
+    best = json.loads(Path(in_artifact(store, sft_path, MANIFEST)).read_text())["metrics"]["best_trial"]
+    return in_artifact(store, sft_path, "adapters", best)
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg, store = parse_args(__doc__, argv)
+    base_dir = model_job.run(cfg, store)
+    data_dir = data_job.run(cfg, store)
+    sft_dir = sft_job.run(cfg, store, base_dir, data_dir)
+    print(run(cfg, store, base_dir, data_dir, best_sft_adapter(store, sft_dir)))
+
+
+if __name__ == "__main__":
+    main()

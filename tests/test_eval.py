@@ -1,0 +1,144 @@
+"""The eval stage: critic scores read as the critic states them, the expected-score mode on a tiny
+LLaVA-OneVision critic, adapters switched per variant, and a Ray Data run writing the long table."""
+
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from vlm_posttrain.data import decode_image, load_split
+from vlm_posttrain.evaluation import CriticScorer, parse_critic_score, reference_scores
+
+CRITIC_OUTPUTS = [
+    # (critic text, score it states on 0-100)
+    ("The response correctly reads 42 from the 2019 bar. Overall, I would give it a score of 85.", 85.0),
+    ("Score: 70\nThe answer mentions 3 categories but misses the trend in 2015-2020.", 70.0),
+    ("The LMM response says 12.5% while the chart shows 25%. I would rate the response 4 out of 10.", 40.0),
+    ("Rating: 7.5/10 - accurate but verbose.", 75.0),
+    ("The chart has 5 bars and the largest is 40. The response is accurate. Score: 90/100", 90.0),
+    ("First it says 10, then 20. My final score is 55.", 55.0),
+    ("I would score this answer 30 out of 100 because the value 2018 is wrong.", 30.0),
+]
+
+
+@pytest.mark.parametrize("text, score", CRITIC_OUTPUTS)
+def test_parse_critic_score_reads_the_stated_score(text, score):
+    assert parse_critic_score(text) == pytest.approx(score)
+
+
+@pytest.mark.parametrize(
+    "text", ["", None, "The answer mentions 42 and 2019 but gives no verdict.", "Score: 250", "lorem ipsum"]
+)
+def test_unstated_or_impossible_scores_are_missing_not_zero(text):
+    assert math.isnan(parse_critic_score(text))
+
+
+def test_reference_scores_fill_a_column_per_row():
+    rows = pd.DataFrame(
+        {
+            "answer": ["42", "The value is 43.", "No", "Apples"],
+            "reference": ["42", "42", "Yes", "apples"],
+            "answer_type": ["numeric", "numeric", "yes_no", "short_text"],
+        }
+    )
+    scored = reference_scores(rows)
+    assert list(scored["reference/score"]) == [100.0, 100.0, 0.0, 100.0]
+
+
+def test_expected_mode_on_a_tiny_onevision_critic_is_always_in_range(tmp_path, tiny_data_dir):
+    from vlm_posttrain.judges import load_critic
+    from vlm_posttrain.tiny import build_tiny_critic
+
+    scorer = CriticScorer(*load_critic(str(build_tiny_critic(tmp_path / "critic"))), mode="expected", step=25)
+    test = load_split(tiny_data_dir, "train").head(3)
+    images = [decode_image(b) for b in test["image"]]
+    scores, raws = scorer.score(images, ["What is shown?"] * 3, ["A bar chart.", "42", ""])
+    assert all(0.0 <= s <= 100.0 for s in scores) and len(raws) == 3
+    for raw in raws:
+        probs = [float(part.split(":")[1]) for part in raw.split()]
+        assert [int(part.split(":")[0]) for part in raw.split()] == [0, 25, 50, 75, 100]
+        assert sum(probs) == pytest.approx(1.0, abs=0.01)
+    generated, replies = CriticScorer(scorer.critic.model, scorer.critic.processor, max_new_tokens=4).score(
+        images, ["What is shown?"] * 3, ["A bar chart.", "42", ""]
+    )
+    # A random critic states no score: missing, never zero.
+    assert len(replies) == 3 and all(math.isnan(s) or 0 <= s <= 100 for s in generated)
+
+
+def test_variants_switch_adapters_without_reloading(tiny_model_dir, tiny_data_dir, tmp_path):
+    from peft import get_peft_model
+
+    from vlm_posttrain import modeling
+    from vlm_posttrain.config import LORA_LANGUAGE_TARGET, ModelConfig
+    from vlm_posttrain.evaluation import Variant, VariantAnswerer
+
+    base = modeling.load_base(str(tiny_model_dir), ModelConfig(name=str(tiny_model_dir)))
+    peft = get_peft_model(base, modeling.lora_config(4, 8, 0.0, LORA_LANGUAGE_TARGET, False))
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    peft.save_pretrained(tmp_path / "adapter")
+    answerer = VariantAnswerer(
+        tiny_model_dir,
+        ModelConfig(name=str(tiny_model_dir)),
+        [Variant("base"), Variant("a", str(tmp_path / "adapter"))],
+    )
+    gen = answerer.generator
+    test = load_split(tiny_data_dir, "train").head(2)
+    inputs = gen.encode(
+        [decode_image(b) for b in test["image"]], [gen.prompt(list(c)) for c in test["conversations"]]
+    )
+    logits = {}
+    for name in ("base", "a", "base"):
+        with answerer.active(name), torch.no_grad():
+            logits.setdefault(name, []).append(gen.model(**inputs).logits)
+    reference = modeling.load_base(str(tiny_model_dir), ModelConfig(name=str(tiny_model_dir)))
+    with torch.no_grad():
+        plain = reference(**inputs).logits
+    assert torch.allclose(logits["base"][0], plain, atol=1e-5) and torch.allclose(
+        logits["base"][1], plain, atol=1e-5
+    )
+    assert not torch.allclose(logits["a"][0], plain, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_ray_data_eval_writes_one_row_per_variant_and_example(
+    tiny_model_dir, tiny_data_dir, tiny_config, tmp_path
+):
+    import ray
+
+    from ray_jobs import eval as eval_job
+    from vlm_posttrain.evaluation import Variant
+    from vlm_posttrain.store import RunStore
+
+    cfg = tiny_config(
+        eval={"limit": 4, "max_new_tokens": 6, "batch_size": 4, "system_prompts": ["", "Be brief."]}
+    )
+    adapter = _write_adapter(tiny_model_dir, tmp_path / "adapter")
+    variants = [Variant("base"), Variant("sft/x", str(adapter))]
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
+    try:
+        path = eval_job.run(cfg, RunStore(cfg.run.root), str(tiny_model_dir), str(tiny_data_dir), variants)
+    finally:
+        ray.shutdown()
+    table = pd.read_parquet(f"{path}/{eval_job.TABLE}")
+    n_test = min(4, len(load_split(tiny_data_dir, "test")))
+    assert len(table) == 2 * 2 * n_test
+    assert not table.duplicated(["variant", "system_prompt", "example_id", "sample"]).any()
+    assert set(table["variant"]) == {"base", "sft/x"} and table["reference/score"].between(0, 100).all()
+    for col in ("question", "reference", "answer", "answer_tokens", "latency_s", "reference/raw"):
+        assert col in table
+
+
+def _write_adapter(model_dir, out):
+    from peft import get_peft_model
+
+    from vlm_posttrain import modeling
+    from vlm_posttrain.config import LORA_LANGUAGE_TARGET, ModelConfig
+
+    base = modeling.load_base(str(model_dir), ModelConfig(name=str(model_dir)))
+    peft = get_peft_model(base, modeling.lora_config(4, 8, 0.0, LORA_LANGUAGE_TARGET, False))
+    peft.save_pretrained(out)
+    return out

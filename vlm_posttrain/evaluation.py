@@ -1,0 +1,216 @@
+"""The evaluation stage's work: answer the test split with every model variant, then score every answer.
+
+A variant is the base model or the base plus one adapter (an SFT trial, a soup, a DPO round). The base is
+loaded once and each adapter is attached as a named PEFT adapter, switched per batch, so a pool of actors
+answers for all variants without reloading 7B weights. Decoding is greedy by default; with ``samples > 1``
+each example's samples are seeded from (run seed, example id), the same seeds for every variant, so paired
+comparisons share their randomness.
+
+Judges fill ``<judge>/score`` (0-100, NaN where unparsed, never 0) and ``<judge>/raw``:
+- ``reference``: :func:`vlm_posttrain.reference.score_reference` against the test answer.
+- ``critic``: LLaVA-Critic's pointwise prompt in the critic's own template, with the image. ``generate``
+  reads the score the critic states (:func:`parse_critic_score`); ``expected`` is the probability-weighted
+  score over candidate scores right after a fixed opening, which never fails to parse.
+
+    answerer = VariantAnswerer(base_dir, model_cfg, [Variant("base", None), Variant("soup/delta_mean", path)])
+    rows = answerer.answer_rows(tasks, sampling, samples=1, seed=0)
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from vlm_posttrain import modeling, prompts
+from vlm_posttrain.config import ModelConfig
+from vlm_posttrain.data import decode_image
+from vlm_posttrain.generation import Generator, Sampling, derive_seed
+from vlm_posttrain.reference import score_reference
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    adapter: str | None = None
+
+
+class VariantAnswerer:
+    """The base model once, every variant's adapter attached by name; answers batches of test rows."""
+
+    def __init__(self, base_dir: str | Path, model_cfg: ModelConfig, variants: Sequence[Variant]):
+        device_map = "cuda" if torch.cuda.is_available() else None
+        processor = modeling.load_processor(str(base_dir), model_cfg.trust_remote_code)
+        model = modeling.load_base(str(base_dir), model_cfg, device_map=device_map)
+        self.adapter_names: dict[str, str | None] = {}
+        for i, variant in enumerate(variants):
+            name = f"v{i}" if variant.adapter else None
+            if variant.adapter:
+                from peft import PeftModel
+
+                if isinstance(model, PeftModel):
+                    model.load_adapter(str(variant.adapter), adapter_name=name)
+                else:
+                    model = PeftModel.from_pretrained(model, str(variant.adapter), adapter_name=name)
+            self.adapter_names[variant.name] = name
+        self.generator = Generator(model.eval(), processor)
+
+    @contextmanager
+    def active(self, variant: str):
+        """Route the forward pass through one variant's adapter, or through none for the base."""
+        if variant not in self.adapter_names:
+            raise KeyError(f"variant '{variant}' was not loaded; loaded: {', '.join(self.adapter_names)}")
+        model, name = self.generator.model, self.adapter_names[variant]
+        if name is None:
+            with model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext():
+                yield
+        else:
+            model.set_adapter(name)
+            yield
+
+    def answer_rows(self, tasks: pd.DataFrame, sampling: Sampling, samples: int, seed: int) -> list[dict]:
+        """One output row per (task, sample); tasks need variant, system_prompt, example_id, image, conversations."""
+        rows: list[dict] = []
+        for (variant, system_prompt), group in tasks.groupby(["variant", "system_prompt"], sort=False):
+            conversations = [list(c) for c in group["conversations"]]
+            texts = [self.generator.prompt(c, system_prompt) for c in conversations]
+            images = [decode_image(b) for b in group["image"]]
+            seeds = [derive_seed(seed, example_id) for example_id in group["example_id"]]
+            with self.active(variant):
+                out = self.generator.generate(images, texts, k=samples, sampling=sampling, seeds=seeds)
+            latency = out.seconds / len(group)
+            for i, task in enumerate(group.itertuples(index=False)):
+                for j in range(samples):
+                    rows.append(
+                        {
+                            "variant": variant,
+                            "system_prompt": system_prompt,
+                            "example_id": task.example_id,
+                            "sample": j,
+                            "question": prompts.final_question(conversations[i]),
+                            "reference": prompts.final_answer(conversations[i]),
+                            "answer_type": task.answer_type,
+                            "answer": out.texts[i][j],
+                            "answer_tokens": out.tokens[i][j],
+                            "latency_s": latency,
+                        }
+                    )
+        return rows
+
+
+def reference_scores(rows: pd.DataFrame) -> pd.DataFrame:
+    """``reference/score`` and ``reference/raw`` (the rule used) for every answer."""
+    scores = [
+        score_reference(a, r, t or None)
+        for a, r, t in zip(rows["answer"], rows["reference"], rows["answer_type"], strict=True)
+    ]
+    return rows.assign(**{"reference/score": scores, "reference/raw": rows["answer_type"].fillna("")})
+
+
+# The score the critic states: "... a score of 85", "Score: 85/100", "I would rate it 8 out of 10",
+# "Rating: 7.5/10". Any other number in the text (values read off the chart, years) is not the score.
+_SCALED = re.compile(r"(\d+(?:\.\d+)?)\s*(?:/|out\s+of)\s*(100|10|5)\b", re.IGNORECASE)
+_NAMED = re.compile(
+    r"\b(?:score|rating|rate|grade)\b(?:\s+(?:it|this|the|response|answer|of|is|as|would|be|a|an|final|overall))*"
+    r"\s*[:=]?\s*\**\s*(\d+(?:\.\d+)?)",
+    re.IGNORECASE,
+)
+
+
+def parse_critic_score(text: str | None) -> float:
+    """The score the critic states, on 0-100; NaN when it states none or one out of range (never a guess).
+
+    A score with its scale ("7/10", "85 out of 100") wins; else a number introduced as the score ("Score: 85",
+    "a score of 85", "I would rate it 85"), read on the 100 scale. When the critic states several, the last one
+    is its final verdict.
+    """
+    if not text:
+        return math.nan
+    scaled = _SCALED.findall(text)
+    if scaled:
+        value, scale = scaled[-1]
+        score = float(value) / float(scale) * 100
+    else:
+        named = _NAMED.findall(text)
+        if not named:
+            return math.nan
+        score = float(named[-1])
+    return score if 0.0 <= score <= 100.0 else math.nan
+
+
+class CriticScorer:
+    """A critic VLM scoring answers pointwise, by parsing its text or by expected score over score tokens."""
+
+    def __init__(self, model, processor, mode: str = "generate", max_new_tokens: int = 256, step: int = 10):
+        if mode not in ("generate", "expected"):
+            raise ValueError(f"critic mode '{mode}': choose generate or expected")
+        self.critic = Generator(model, processor)
+        self.mode = mode
+        self.max_new_tokens = max_new_tokens
+        self.candidates = list(range(0, 101, step))
+
+    @classmethod
+    def load(cls, path: str, mode: str = "generate", max_new_tokens: int = 256) -> CriticScorer:
+        from vlm_posttrain.judges import load_critic
+
+        return cls(*load_critic(path), mode=mode, max_new_tokens=max_new_tokens)
+
+    def score(self, images: Sequence, questions: Sequence[str], answers: Sequence[str]) -> tuple[list, list]:
+        texts = [
+            prompts.critic_pointwise_prompt(self.critic.processor, q, a)
+            for q, a in zip(questions, answers, strict=True)
+        ]
+        if self.mode == "generate":
+            greedy = Sampling(temperature=0.0, max_new_tokens=self.max_new_tokens)
+            replies = [r[0] for r in self.critic.generate(list(images), texts, k=1, sampling=greedy).texts]
+            return [parse_critic_score(r) for r in replies], replies
+        return self._expected(images, texts)
+
+    def _expected(self, images: Sequence, texts: Sequence[str]) -> tuple[list, list]:
+        """Σ p(score)·score over the candidate scores, each written as " {n}/100" after the fixed prefix."""
+        scores, raws = [], []
+        tok = self.critic.tokenizer
+        for image, text in zip(images, texts, strict=True):
+            head = text + prompts.CRITIC_SCORE_PREFIX
+            fulls = [f"{head} {n}/100" for n in self.candidates]
+            n_tail = [
+                sum(
+                    1
+                    for s, _ in tok(f, return_offsets_mapping=True, add_special_tokens=False)[
+                        "offset_mapping"
+                    ]
+                    if s >= len(head)
+                )
+                for f in fulls
+            ]
+            logp = self._continuation_logprobs([image] * len(fulls), fulls, n_tail)
+            probs = torch.softmax(logp, dim=0)
+            expected = float(sum(p * n for p, n in zip(probs.tolist(), self.candidates, strict=True)))
+            scores.append(expected)
+            raws.append(
+                " ".join(f"{n}:{p:.3f}" for n, p in zip(self.candidates, probs.tolist(), strict=True))
+            )
+        return scores, raws
+
+    def _continuation_logprobs(self, images: list, texts: list[str], n_tail: list[int]) -> torch.Tensor:
+        gen = self.critic
+        inputs = gen.encode(images, texts)
+        with torch.inference_mode():
+            logits = gen.model(**inputs).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1)
+        ids = inputs["input_ids"][:, 1:]
+        token_logp = logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+        # Left padding: every text ends at the last position, so its continuation is its last n tokens.
+        return torch.stack([token_logp[i, -n:].sum() for i, n in enumerate(n_tail)])
+
+
+def critic_scores(scorer: CriticScorer, rows: pd.DataFrame, images: Sequence) -> pd.DataFrame:
+    scores, raws = scorer.score(images, list(rows["question"]), list(rows["answer"]))
+    return rows.assign(**{"critic/score": scores, "critic/raw": raws})
+

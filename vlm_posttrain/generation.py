@@ -1,0 +1,210 @@
+"""Batched answer generation from a VLM policy (the base model, optionally with a LoRA adapter).
+
+Shared by the pairs stage, the evaluation stage and the throughput benchmark, so nothing here knows about
+preference pairs. One ``generate`` call per batch: prompts are left-padded (the processor's tokenizer is set
+to left padding at load) and each prompt is repeated ``k`` times inside that one call.
+
+Sampling is reproducible per row, independent of how rows are batched: HF ``generate`` takes one global RNG,
+so instead of ``do_sample=True`` each sequence draws Gumbel noise from its own ``torch.Generator`` seeded
+from (row seed, sample index), and the greedy argmax over ``logits / T + noise`` is an exact sample from the
+temperature / top-p distribution (the Gumbel-max trick). Temperature 0 is plain greedy decoding.
+
+    gen = Generator.load(base_dir, cfg.model, adapter_dir)
+    prompts = [gen.prompt(row.conversations) for row in rows]
+    out = gen.generate(images, prompts, k=2, sampling=Sampling(0.7, 1.0, 64), seeds=[11, 12])
+    out.texts[row][sample], out.tokens[row][sample], out.tokens_per_s
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, TopPLogitsWarper
+
+from vlm_posttrain import modeling, prompts
+from vlm_posttrain.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_new_tokens: int = 128
+
+
+@dataclass
+class Completions:
+    """``texts[i][j]``: sample j of prompt i (stripped); ``tokens``: its generated length before EOS."""
+
+    texts: list[list[str]]
+    tokens: list[list[int]]
+    seeds: list[list[int]]
+    seconds: float
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def generated_tokens(self) -> int:
+        return sum(sum(row) for row in self.tokens)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.generated_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def derive_seed(*parts) -> int:
+    """A stable 60-bit seed from any JSON-able parts (run seed, example id, sample index)."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return int(hashlib.sha256(blob).hexdigest()[:15], 16)
+
+
+class SeededGumbelSampler(LogitsProcessor):
+    """Per-sequence seeded sampling inside greedy decoding: returns ``logits / T`` (top-p filtered) + Gumbel noise.
+
+    The argmax of that is a sample from softmax(logits / T) restricted to the top-p set; each sequence's
+    noise comes from its own generator, so its sample depends on its seed only, not on its batch.
+    """
+
+    def __init__(self, seeds: Sequence[int], temperature: float, top_p: float, device: torch.device):
+        self.temperature = temperature
+        self.top_p = TopPLogitsWarper(top_p) if top_p < 1.0 else None
+        self.generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores = scores.float() / self.temperature
+        if self.top_p is not None:
+            scores = self.top_p(input_ids, scores)
+        noise = torch.empty_like(scores)
+        for row, gen in enumerate(self.generators):
+            # -log(Exp(1)) is Gumbel(0, 1).
+            noise[row].exponential_(generator=gen)
+        return scores - noise.log()
+
+
+def load_policy(base_dir: str | Path, model_cfg: ModelConfig, adapter_dir: str | Path | None = None):
+    """(model, processor) in eval mode on the GPU when there is one; the adapter merged unless the base is 4-bit."""
+    device_map = "cuda" if torch.cuda.is_available() else None
+    processor = modeling.load_processor(str(base_dir), model_cfg.trust_remote_code)
+    model = modeling.load_base(str(base_dir), model_cfg, device_map=device_map)
+    if adapter_dir:
+        model = modeling.load_adapter(model, adapter_dir)
+        if not model_cfg.load_in_4bit:
+            # Merged LoRA generates at the base model's speed; on a 4-bit base a merge would round it away.
+            model = model.merge_and_unload()
+    model.eval()
+    return model, processor
+
+
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def to_device(inputs: dict, device: torch.device, dtype: torch.dtype | None = None) -> dict:
+    """Move a processor's output to the model; pixel values take the model's float dtype."""
+    out = {}
+    for key, value in inputs.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(device)
+            if dtype is not None and value.is_floating_point():
+                value = value.to(dtype)
+        out[key] = value
+    return out
+
+
+def repeat_rows(inputs: dict, k: int) -> dict:
+    """Each row k times in a row (what ``num_return_sequences`` does inside generate)."""
+    if k == 1:
+        return inputs
+    return {
+        key: value.repeat_interleave(k, dim=0) if isinstance(value, torch.Tensor) else value
+        for key, value in inputs.items()
+    }
+
+
+def eos_ids(model, tokenizer) -> list[int]:
+    eos = model.generation_config.eos_token_id
+    ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
+    return ids or [tokenizer.eos_token_id]
+
+
+class Generator:
+    """A loaded policy that answers batches of (image, prompt) with k samples each."""
+
+    def __init__(self, model, processor):
+        self.model = model
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.device = model_device(model)
+        self.dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+
+    @classmethod
+    def load(
+        cls, base_dir: str | Path, model_cfg: ModelConfig, adapter_dir: str | Path | None = None
+    ) -> Generator:
+        return cls(*load_policy(base_dir, model_cfg, adapter_dir))
+
+    def prompt(self, conversations: list[dict], system_prompt: str = "") -> str:
+        """The generation prompt, byte-identical to the SFT rendering up to the answer."""
+        return prompts.generation_prompt(self.processor, list(conversations), system_prompt)
+
+    def encode(self, images: Sequence, texts: Sequence[str]) -> dict:
+        # The template writes every token itself: no BOS added, exactly as TRL tokenizes in SFT and DPO.
+        inputs = self.processor(
+            text=list(texts), images=list(images), return_tensors="pt", padding=True, add_special_tokens=False
+        )
+        return to_device(dict(inputs), self.device, self.dtype)
+
+    def generate(
+        self,
+        images: Sequence,
+        texts: Sequence[str],
+        k: int = 1,
+        sampling: Sampling = Sampling(),
+        seeds: Sequence[int] | None = None,
+    ) -> Completions:
+        """k answers per prompt in one ``generate`` call; ``seeds`` (one per prompt) make sampling reproducible."""
+        if len(images) != len(texts):
+            raise ValueError(f"{len(images)} images for {len(texts)} prompts; give one image per prompt")
+        seeds = list(seeds) if seeds is not None else [0] * len(texts)
+        sample_seeds = [[derive_seed(seed, j) for j in range(k)] for seed in seeds]
+        start = time.perf_counter()
+        inputs = repeat_rows(self.encode(images, texts), k)
+        config = GenerationConfig(
+            max_new_tokens=sampling.max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=eos_ids(self.model, self.tokenizer),
+        )
+        processors = LogitsProcessorList()
+        if sampling.temperature > 0:
+            flat = [s for row in sample_seeds for s in row]
+            processors.append(SeededGumbelSampler(flat, sampling.temperature, sampling.top_p, self.device))
+        with torch.inference_mode():
+            out = self.model.generate(**inputs, generation_config=config, logits_processor=processors)
+        new = out[:, inputs["input_ids"].shape[1] :].cpu()
+        seconds = time.perf_counter() - start
+        texts_out, lengths = self._decode(new)
+        return Completions(
+            texts=[texts_out[i * k : (i + 1) * k] for i in range(len(texts))],
+            tokens=[lengths[i * k : (i + 1) * k] for i in range(len(texts))],
+            seeds=sample_seeds,
+            seconds=seconds,
+            meta={"prompt_tokens": int(inputs["input_ids"].shape[1]), "batch": len(texts) * k},
+        )
+
+    def _decode(self, new: torch.Tensor) -> tuple[list[str], list[int]]:
+        stop = set(eos_ids(self.model, self.tokenizer)) | {self.tokenizer.pad_token_id}
+        lengths = []
+        for row in new.tolist():
+            n = next((i for i, t in enumerate(row) if t in stop), len(row))
+            lengths.append(n)
+        texts = self.tokenizer.batch_decode(
+            [row[:n] for row, n in zip(new.tolist(), lengths, strict=True)], skip_special_tokens=True
+        )
+        return [t.strip() for t in texts], lengths
