@@ -45,6 +45,8 @@ def complete_artifacts(root: Path) -> list[dict]:
     """Every complete artifact's manifest, with its folder."""
     found = []
     for manifest in sorted(root.glob("*/*/manifest.json")):
+        if manifest.parent.name.startswith("."):
+            continue  # a staging folder a moment before its rename: not an artifact yet
         data = json.loads(manifest.read_text())
         if data.get("status") == "complete":
             found.append({**data, "folder": manifest.parent})

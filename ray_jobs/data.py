@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 
-from ray_jobs.session import parse_args, stage
+from ray_jobs.session import cli, parse_args, stage
 from vlm_posttrain.config import ExperimentConfig
 from vlm_posttrain.data import build_splits
 from vlm_posttrain.store import RunStore, build_manifest, digest
@@ -38,6 +38,7 @@ def run(cfg: ExperimentConfig, store: RunStore) -> str:
     return stage("data", key, store, build)
 
 
+@cli
 def main(argv: list[str] | None = None) -> None:
     cfg, store = parse_args(__doc__, argv)
     print(run(cfg, store))

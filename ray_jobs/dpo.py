@@ -25,7 +25,7 @@ from pathlib import Path
 import pandas as pd
 
 from ray_jobs import model as model_job
-from ray_jobs.session import connect, parse_args, stage
+from ray_jobs.session import cli, connect, parse_args, stage
 from vlm_posttrain.config import ExperimentConfig
 from vlm_posttrain.store import RunStore, build_manifest, digest
 
@@ -129,6 +129,7 @@ def run(
     return stage("dpo", key, store, build)
 
 
+@cli
 def main(argv: list[str] | None = None) -> None:
     inputs = argparse.ArgumentParser(add_help=False)
     inputs.add_argument(

@@ -23,7 +23,7 @@ from ray_jobs import data as data_job
 from ray_jobs import model as model_job
 from ray_jobs import sft as sft_job
 from ray_jobs.pairs import actor_options, artifact_ref
-from ray_jobs.session import connect, parse_args, stage
+from ray_jobs.session import cli, connect, parse_args, stage
 from vlm_posttrain.config import EvalConfig, ExperimentConfig, ModelConfig
 from vlm_posttrain.data import decode_image, load_split
 from vlm_posttrain.evaluation import CriticScorer, Variant, VariantAnswerer, critic_scores, reference_scores
@@ -153,6 +153,7 @@ def run(cfg: ExperimentConfig, store: RunStore, base_dir: str, data_dir: str, va
     return path
 
 
+@cli
 def main(argv: list[str] | None = None) -> None:
     cfg, store = parse_args(__doc__, argv)
     base_dir = model_job.run(cfg, store)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 
-from ray_jobs.session import parse_args, stage
+from ray_jobs.session import cli, parse_args, stage
 from vlm_posttrain.config import ExperimentConfig
 from vlm_posttrain.store import RunStore, build_manifest, digest
 
@@ -22,6 +22,9 @@ def model_key(cfg: ExperimentConfig) -> str:
 def run(cfg: ExperimentConfig, store: RunStore) -> str:
     """The base model's folder (or hub id) that every stage loads."""
     if cfg.model.name != "tiny":
+        from vlm_posttrain.modeling import check_source
+
+        check_source(cfg.model.name)  # here, in one line, not later inside every trial
         return cfg.model.name
     from vlm_posttrain.tiny import build_tiny_base
 
@@ -47,6 +50,7 @@ def run(cfg: ExperimentConfig, store: RunStore) -> str:
     return str(store.local_path("model", key)) if not store.is_local else path
 
 
+@cli
 def main(argv: list[str] | None = None) -> None:
     cfg, store = parse_args(__doc__, argv)
     print(run(cfg, store))

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from ray_jobs import data as data_job
 from ray_jobs import model as model_job
 from ray_jobs import sft as sft_job
-from ray_jobs.session import connect, parse_args, stage
+from ray_jobs.session import cli, connect, parse_args, stage
 from vlm_posttrain.config import ExperimentConfig, ModelConfig, PairsConfig
 from vlm_posttrain.pairs import DIAGNOSTICS, generate_samples, judge_samples, write_outputs
 from vlm_posttrain.store import MANIFEST, RunStore, build_manifest, digest
@@ -186,6 +186,7 @@ def best_sft_adapter(store: RunStore, sft_path: str) -> str:
     return in_artifact(store, sft_path, "adapters", best)
 
 
+@cli
 def main(argv: list[str] | None = None) -> None:
     cfg, store = parse_args(__doc__, argv)
     base_dir = model_job.run(cfg, store)

@@ -19,9 +19,10 @@ from ray_jobs import pairs as pairs_job
 from ray_jobs import report as report_job
 from ray_jobs import sft as sft_job
 from ray_jobs import soup as soup_job
-from ray_jobs.session import parse_args
+from ray_jobs.session import cli, parse_args
 
 
+@cli
 def main(argv: list[str] | None = None) -> None:
     cfg, store = parse_args(__doc__, argv)
     base_dir = model_job.run(cfg, store)

@@ -12,7 +12,7 @@ import time
 
 from analysis.report import write_report
 from analysis.run import load_run
-from ray_jobs.session import parse_args, stage
+from ray_jobs.session import cli, parse_args, stage
 from vlm_posttrain.config import ExperimentConfig
 from vlm_posttrain.store import RunStore, build_manifest, digest
 
@@ -46,6 +46,7 @@ def run(cfg: ExperimentConfig, store: RunStore) -> str:
     return path
 
 
+@cli
 def main(argv: list[str] | None = None) -> None:
     cfg, store = parse_args(__doc__, argv)
     run(cfg, store)

@@ -1,15 +1,22 @@
 """What every driver shares: its command line, the Ray connection, and skipping finished artifacts.
 
 A driver connects to the cluster named by ``RAY_ADDRESS`` (as ``ray job submit`` sets it) or starts a
-local Ray; either way the workers get ``HF_HUB_OFFLINE`` and the tokenizers setting from this process.
+local Ray; either way the workers get ``HF_HUB_OFFLINE`` and the tokenizers setting from this process (never
+a token: workers read ``HF_TOKEN`` and cloud credentials from their own node's environment).
+
+Decorate a driver's ``main`` with :func:`cli` so that a problem with the user's input (config, data, model
+path, adapters) ends the run with one line, ``error: <what and how to fix it>``, and exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import json
 import os
 import sys
 import time
+import traceback
 from collections.abc import Callable
 
 from vlm_posttrain.config import ConfigError, ExperimentConfig, load_config
@@ -17,6 +24,10 @@ from vlm_posttrain.store import RunStore
 
 DEFAULT_CONFIG = "configs/tiny.yaml"
 FORWARDED_ENV = ("HF_HUB_OFFLINE", "HF_HOME", "TOKENIZERS_PARALLELISM", "OMP_NUM_THREADS")
+# Built-in errors count as the user's input problem only when the project's own code raised them.
+# Matched as path segments: on a cluster the code runs from Ray's unpacked copy of the working dir.
+PROJECT_DIRS = ("/vlm_posttrain/", "/ray_jobs/")
+USER_ERROR_TYPES = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError)
 
 
 def parse_args(description: str, argv: list[str] | None = None) -> tuple[ExperimentConfig, RunStore]:
@@ -37,11 +48,30 @@ def connect() -> None:
     """Join the cluster in RAY_ADDRESS, or start a local Ray on this machine."""
     import ray
 
+    # Tune saves its experiment state (which trials finished) every 10 s by default; a driver killed in that
+    # window would make Tuner.restore run finished trials again.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     if ray.is_initialized():
         return
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    ray.init(address=os.environ.get("RAY_ADDRESS"), runtime_env={"env_vars": env}, log_to_driver=True)
+    # Under `ray job submit` the job's --runtime-env-json already reaches every worker, and ray.init refuses
+    # to set one of its keys again: those keep the job's value.
+    for key in _job_env_vars():
+        env.pop(key, None)
+    address = os.environ.get("RAY_ADDRESS")
+    print(
+        f"[ray] {'joining the cluster at ' + address if address else 'starting a local Ray'}", file=sys.stderr
+    )
+    ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
+
+
+def _job_env_vars() -> dict:
+    """The env vars of the submitted job's runtime env (empty outside ``ray job submit``)."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return {}
+    return (json.loads(raw).get("runtime_env") or {}).get("env_vars") or {}
 
 
 def stage(name: str, key: str, store: RunStore, run: Callable[[], object]) -> str:
@@ -51,6 +81,62 @@ def stage(name: str, key: str, store: RunStore, run: Callable[[], object]) -> st
         return store.artifact_path(name, key)
     print(f"[{name}] building {name}-{key}", file=sys.stderr)
     start = time.time()
-    run()
+    try:
+        run()
+    except BaseException:
+        # A failed build leaves no half-made folder behind (a killed one leaves only a hidden staging folder).
+        store.discard_staging(name, key)
+        raise
     print(f"[{name}] done in {time.time() - start:.1f}s -> {store.artifact_path(name, key)}", file=sys.stderr)
     return store.artifact_path(name, key)
+
+
+def user_error(err: BaseException) -> str | None:
+    """The one-line message for a problem with the user's input, or None for a bug (which keeps its traceback).
+
+    Input problems are the project's own error types (``ConfigError``, ``DataError``, ``ModelLoadError``, ...)
+    and ``ValueError``/``FileNotFoundError`` raised by the project's code; a Ray task's or trial's error
+    counts by the error it wraps.
+    """
+    cause = getattr(err, "cause", None)
+    if isinstance(cause, BaseException) and cause is not err:
+        return user_error(cause) or _remote_user_error(err, cause)
+    if type(err).__module__.split(".")[0] == "vlm_posttrain" or (
+        isinstance(err, USER_ERROR_TYPES) and _raised_by_project(err)
+    ):
+        return " ".join(str(err).split())
+    return None
+
+
+def _raised_by_project(err: BaseException) -> bool:
+    frames = traceback.extract_tb(err.__traceback__)
+    return bool(frames) and _is_project_file(frames[-1].filename)
+
+
+def _is_project_file(path: str) -> bool:
+    return any(d in path.replace("\\", "/") for d in PROJECT_DIRS)
+
+
+def _remote_user_error(err: BaseException, cause: BaseException) -> str | None:
+    # A remote error's own traceback is gone; Ray keeps it as text, last frame last.
+    lines = [line for line in str(getattr(err, "traceback_str", "")).splitlines() if 'File "' in line]
+    if isinstance(cause, USER_ERROR_TYPES) and lines and _is_project_file(lines[-1]):
+        return " ".join(str(cause).split())
+    return None
+
+
+def cli(main: Callable) -> Callable:
+    """Decorator for a driver's ``main``: input problems print ``error: <message>`` and exit 2, no traceback."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except Exception as err:
+            message = user_error(err)
+            if message is None:
+                raise
+            print(f"error: {message}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    return wrapper

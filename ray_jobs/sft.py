@@ -20,7 +20,7 @@ import pandas as pd
 
 from ray_jobs import data as data_job
 from ray_jobs import model as model_job
-from ray_jobs.session import connect, parse_args, stage
+from ray_jobs.session import cli, connect, parse_args, stage, user_error
 from vlm_posttrain.config import GRID_KEYS, ExperimentConfig
 from vlm_posttrain.store import RunStore, build_manifest, digest
 
@@ -40,15 +40,38 @@ def param_space(cfg: ExperimentConfig) -> dict:
     return {**fixed, **{k: tune.grid_search(v) for k, v in cfg.sft.grid.items()}}
 
 
+def gpus_per_trial(cfg: ExperimentConfig, base_dir: str) -> float:
+    """Each trial's GPU share, checked against its memory estimate before any trial starts.
+
+    Ray's fraction is only a label, so a share that would not fit the card is refused here, with the numbers
+    (``vlm_posttrain.memory``); ``auto`` picks the largest share count that fits; CPU-only (0) is left alone.
+    """
+    if cfg.resources.gpus_per_trial == 0:
+        return 0.0
+    import ray
+    from transformers import AutoConfig
+
+    from vlm_posttrain.memory import gpu_share
+
+    if cfg.resources.gpus_per_trial == "auto" and not ray.cluster_resources().get("GPU"):
+        print("[sft] gpus_per_trial: auto, but the cluster has no GPU: trials run on CPU")
+        return 0.0
+    fraction, plan = gpu_share(
+        cfg, AutoConfig.from_pretrained(base_dir, trust_remote_code=cfg.model.trust_remote_code)
+    )
+    print(f"[sft] {plan}")
+    return fraction
+
+
 def make_tuner(cfg: ExperimentConfig, store: RunStore, key: str, base_dir: str, data_dir: str):
     from ray import tune
 
     from trainables.sft import SftSetup, train_sft
 
     setup = SftSetup(cfg.sft, cfg.model, base_dir, data_dir, cfg.run.seed, cfg.data.bad_rows)
+    gpus = gpus_per_trial(cfg, base_dir)
     trainable = tune.with_resources(
-        tune.with_parameters(train_sft, setup=setup),
-        {"cpu": cfg.resources.cpus_per_trial, "gpu": cfg.resources.gpus_per_trial},
+        tune.with_parameters(train_sft, setup=setup), {"cpu": cfg.resources.cpus_per_trial, "gpu": gpus}
     )
     storage, name = store.tune_storage("sft"), f"sft-{key}"
     path = f"{storage}/{name}"
@@ -58,7 +81,13 @@ def make_tuner(cfg: ExperimentConfig, store: RunStore, key: str, base_dir: str, 
     return tune.Tuner(
         trainable,
         param_space=param_space(cfg),
-        tune_config=tune.TuneConfig(max_concurrent_trials=cfg.resources.max_concurrent_trials),
+        tune_config=tune.TuneConfig(
+            max_concurrent_trials=cfg.resources.max_concurrent_trials,
+            # A CPU trial's worker process runs the next trial too, so its torch/transformers/TRL imports
+            # (10-17 s on 2 cores) are paid per worker, not per trial (benchmarks/grid.py). Not on GPUs,
+            # where a reused process could still hold the last trial's memory as the next loads its model.
+            reuse_actors=gpus == 0,
+        ),
         run_config=tune.RunConfig(
             name=name,
             storage_path=storage,
@@ -75,6 +104,8 @@ def collect_adapters(results, staging: Path) -> pd.DataFrame:
     """Copy each trial's best adapter into the artifact and build the trial table (one row per trial)."""
     errors = [r for r in results if r.error]
     if errors:
+        if user_error(errors[0].error):
+            raise errors[0].error  # an input problem: the driver prints it as one line
         raise RuntimeError(f"{len(errors)} SFT trial(s) failed; first error: {errors[0].error}")
     df = results.get_dataframe()
     adapters = []
@@ -113,7 +144,7 @@ def learning_curves(results) -> pd.DataFrame:
 
 
 def run(cfg: ExperimentConfig, store: RunStore, base_dir: str, data_dir: str) -> str:
-    data_id = Path(data_dir).name
+    data_id = store.ref(data_dir)  # root-relative: two data folders of one name (best_of_k) stay distinct
     key = sft_key(cfg, base_dir if cfg.model.name != "tiny" else Path(base_dir).name, data_id)
 
     def build() -> None:
@@ -157,6 +188,7 @@ def print_table(df: pd.DataFrame) -> None:
         print(df.set_index("trial_id")[[c for c in cols if c in df.columns]].to_string())
 
 
+@cli
 def main(argv: list[str] | None = None) -> None:
     cfg, store = parse_args(__doc__, argv)
     base_dir = model_job.run(cfg, store)

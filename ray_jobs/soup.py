@@ -23,7 +23,7 @@ import pandas as pd
 from ray_jobs import data as data_job
 from ray_jobs import model as model_job
 from ray_jobs import sft as sft_job
-from ray_jobs.session import connect, parse_args, stage
+from ray_jobs.session import cli, connect, parse_args, stage
 from vlm_posttrain.config import ExperimentConfig
 from vlm_posttrain.soup import METRIC
 from vlm_posttrain.store import RunStore, build_manifest, digest
@@ -168,6 +168,7 @@ def print_summary(manifest: dict, trials: pd.DataFrame) -> None:
         print(trials[[c for c in cols if c in trials.columns]].to_string(index=False))
 
 
+@cli
 def main(argv: list[str] | None = None) -> None:
     cfg, store = parse_args(__doc__, argv)
     base_dir = model_job.run(cfg, store)

@@ -402,7 +402,7 @@ def test_self_judge_batch_on_generated_samples(policy, train):
 
 
 def test_pairs_config_is_checked(tiny_config):
-    assert tiny_config().pairs.judge == "self"
+    assert tiny_config().pairs.judge == "reference"
     with pytest.raises(ConfigError, match="pairs.critic_model"):
         tiny_config(pairs={"judge": "critic"})
     with pytest.raises(ConfigError, match="pairs.temperature"):

@@ -44,9 +44,7 @@ def test_supervised_tokens_are_exactly_the_answers(tiny_model_dir):
     batch = DataCollatorForVisionLanguageModeling(processor, assistant_only_loss=True)([ds[0], ds[1]])
     tok = processor.tokenizer
     image_id = tok.convert_tokens_to_ids("<image>")
-    for row, answers in zip(
-        range(2), [["The value of Apples is 42.", "Kiwis"], ["The value of Apples is 42."]]
-    ):
+    for row, answers in enumerate([["The value of Apples is 42.", "Kiwis"], ["The value of Apples is 42."]]):
         labels = batch["labels"][row]
         supervised = labels[labels != -100]
         assert tok.decode(supervised) == "".join(f" {a}</s>" for a in answers)

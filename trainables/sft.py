@@ -58,16 +58,20 @@ def train_sft(config: dict, setup: SftSetup) -> None:
         resume_from = tempfile.mkdtemp(prefix="resume-")
         with checkpoint.as_directory() as d:
             shutil.copytree(d, resume_from, dirs_exist_ok=True)
-    metrics = train_trial(
-        config,
-        setup.sft,
-        setup.model,
-        setup.base_dir,
-        setup.data_dir,
-        out_dir,
-        setup.seed,
-        bad_rows=setup.bad_rows,
-        callbacks=[TuneReport()],
-        resume_from=resume_from,
-    )
+    try:
+        metrics = train_trial(
+            config,
+            setup.sft,
+            setup.model,
+            setup.base_dir,
+            setup.data_dir,
+            out_dir,
+            setup.seed,
+            bad_rows=setup.bad_rows,
+            callbacks=[TuneReport()],
+            resume_from=resume_from,
+        )
+    finally:
+        if resume_from:  # the restored checkpoint's copy is read once; keep nothing outside the run root
+            shutil.rmtree(resume_from, ignore_errors=True)
     tune.report(metrics)

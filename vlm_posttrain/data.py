@@ -193,8 +193,10 @@ def split_of(group: str, seed: int, val_fraction: float, test_fraction: float) -
     return "train"
 
 
-def collect(rows: Iterable[dict], bad_rows: str, limit: int = 0) -> tuple[list[dict], Rejects]:
-    """Check every row; skip-and-count or fail by policy; refuse duplicate ids."""
+def collect(
+    rows: Iterable[dict], bad_rows: str, limit: int = 0, where: str = "the data source"
+) -> tuple[list[dict], Rejects]:
+    """Check every row; skip-and-count or fail by policy; refuse duplicate ids. ``where`` names the input."""
     kept: list[dict] = []
     rejects = Rejects()
     seen: set[str] = set()
@@ -205,7 +207,8 @@ def collect(rows: Iterable[dict], bad_rows: str, limit: int = 0) -> tuple[list[d
         if reason is not None:
             if bad_rows == "fail":
                 raise DataError(
-                    f"row '{row['example_id']}': {reason.replace('_', ' ')}; fix the row or set data.bad_rows=skip"
+                    f"{where}: row '{row['example_id']}': {reason.replace('_', ' ')}; "
+                    "fix the row or set data.bad_rows=skip"
                 )
             rejects.add(reason, row["example_id"])
             continue
@@ -214,7 +217,10 @@ def collect(rows: Iterable[dict], bad_rows: str, limit: int = 0) -> tuple[list[d
         if limit and len(kept) >= limit:
             break
     if not kept:
-        raise DataError("the data source yielded no usable rows; check data.source and data.path")
+        skipped = (
+            f" ({rejects.as_dict()['skipped']} skipped: {dict(rejects.counts)})" if rejects.counts else ""
+        )
+        raise DataError(f"{where}: no usable rows{skipped}; check data.source and data.path")
     return kept, rejects
 
 
@@ -231,7 +237,8 @@ def data_hash(rows: list[dict]) -> str:
 def build_splits(cfg: DataConfig, seed: int, out_dir: Path) -> dict:
     """Read, check, split and write ``train/val/test.parquet``; returns the manifest's metrics."""
     limit = 0 if cfg.source == "synthetic" else cfg.limit
-    rows, rejects = collect(read_source(cfg, seed), cfg.bad_rows, limit)
+    where = f"data.path '{cfg.path}'" if cfg.path else f"data.source '{cfg.source}'"
+    rows, rejects = collect(read_source(cfg, seed), cfg.bad_rows, limit, where)
     by_split: dict[str, list[dict]] = {s: [] for s in SPLITS}
     for row in rows:
         by_split[split_of(row["group"], seed, cfg.val_fraction, cfg.test_fraction)].append(row)

@@ -52,12 +52,7 @@ class VariantAnswerer:
         for i, variant in enumerate(variants):
             name = f"v{i}" if variant.adapter else None
             if variant.adapter:
-                from peft import PeftModel
-
-                if isinstance(model, PeftModel):
-                    model.load_adapter(str(variant.adapter), adapter_name=name)
-                else:
-                    model = PeftModel.from_pretrained(model, str(variant.adapter), adapter_name=name)
+                model = modeling.load_adapter(model, variant.adapter, name=name)
             self.adapter_names[variant.name] = name
         self.generator = Generator(model.eval(), processor)
 
@@ -213,4 +208,3 @@ class CriticScorer:
 def critic_scores(scorer: CriticScorer, rows: pd.DataFrame, images: Sequence) -> pd.DataFrame:
     scores, raws = scorer.score(images, list(rows["question"]), list(rows["answer"]))
     return rows.assign(**{"critic/score": scores, "critic/raw": raws})
-

@@ -31,12 +31,23 @@ def _dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def _check_source(path: str) -> None:
+def check_source(path: str) -> None:
+    """Fail early, in one line, on a model that cannot load: a missing folder, or a hub id while offline."""
     local = Path(path).expanduser()
     looks_local = path.startswith((".", "/", "~")) or local.exists()
+    if looks_local and not local.exists():
+        raise ModelLoadError(
+            f"model '{path}': folder not found; set model.name to a saved model folder or a hub id"
+        )
     if looks_local and not (local / "config.json").is_file():
         raise ModelLoadError(
             f"model '{path}': no config.json there; point model.name at a saved model folder"
+        )
+    if looks_local and not any(local.glob("*.safetensors")) and any(local.glob("*.bin")):
+        # Pickled weights can run code when loaded: only safetensors are read.
+        raise ModelLoadError(
+            f"model '{path}': weights only as pickled .bin files; re-save them as safetensors "
+            "(save_pretrained(..., safe_serialization=True))"
         )
     if not looks_local and os.environ.get("HF_HUB_OFFLINE") == "1":
         cache = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub"
@@ -45,6 +56,9 @@ def _check_source(path: str) -> None:
                 f"model '{path}': not a local folder and HF_HUB_OFFLINE=1 with no cached copy; "
                 "download it where the hub is reachable and set model.name to its folder"
             )
+
+
+_check_source = check_source  # the earlier private name, still imported elsewhere
 
 
 def load_processor(path: str, trust_remote_code: bool = False):
@@ -115,5 +129,19 @@ def attach_lora(model, config: LoraConfig, seed: int):
     return get_peft_model(model, config)
 
 
-def load_adapter(base, adapter_dir: str | Path, trainable: bool = False) -> PeftModel:
-    return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=trainable)
+def check_adapter(adapter_dir: str | Path) -> None:
+    """Safetensors only: PEFT would otherwise fall back to a pickled .bin."""
+    if not (Path(adapter_dir) / "adapter_model.safetensors").is_file():
+        raise ModelLoadError(
+            f"adapter '{adapter_dir}': no adapter_model.safetensors; only safetensors adapters are loaded "
+            "(re-save it with save_pretrained(..., safe_serialization=True))"
+        )
+
+
+def load_adapter(base, adapter_dir: str | Path, trainable: bool = False, name: str = "default") -> PeftModel:
+    """A PEFT adapter folder on top of ``base`` (a plain model, or a PeftModel that gains adapter ``name``)."""
+    check_adapter(adapter_dir)
+    if isinstance(base, PeftModel):
+        base.load_adapter(str(adapter_dir), adapter_name=name, is_trainable=trainable)
+        return base
+    return PeftModel.from_pretrained(base, str(adapter_dir), adapter_name=name, is_trainable=trainable)

@@ -155,17 +155,19 @@ def pretrain_full(
     processor = modeling.load_processor(str(base_dir))
     model = modeling.load_base(str(base_dir), ModelConfig(name=str(base_dir)))
     train, _ = to_sft_dataset(load_split(data_dir, "train"), processor, 10_000, "skip")
-    args = trainer_args(
-        SftConfig(batch_size=8, logging_steps=50, warmup_ratio=0.05),
-        {"epochs": epochs, "learning_rate": lr},
-        Path(tempfile.mkdtemp(prefix="pretrain-")),
-        seed,
-        "float32",
-        with_eval=False,
-    )
-    args.save_strategy = "no"
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=processor)
-    result = trainer.train()
+    # The Trainer needs an output_dir although nothing is saved there; a temporary one, removed after.
+    with tempfile.TemporaryDirectory(prefix="pretrain-") as scratch:
+        args = trainer_args(
+            SftConfig(batch_size=8, logging_steps=50, warmup_ratio=0.05),
+            {"epochs": epochs, "learning_rate": lr},
+            Path(scratch),
+            seed,
+            "float32",
+            with_eval=False,
+        )
+        args.save_strategy = "no"
+        trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=processor)
+        result = trainer.train()
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     return {"pretrain_loss": float(result.training_loss), "pretrain_examples": len(train)}

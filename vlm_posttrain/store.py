@@ -80,6 +80,13 @@ class RunStore:
         path = "/".join([self.base, *parts])
         return path if self.is_local else f"{self.root.split('://')[0]}://{path}"
 
+    def ref(self, path: str | os.PathLike) -> str:
+        """A path inside the root as its root-relative name (hashes survive moving the root); others unchanged."""
+        try:
+            return str(Path(path).resolve().relative_to(self.base))
+        except ValueError:
+            return str(path)
+
     def artifact_id(self, stage: str, key: str) -> str:
         if stage not in STAGES:
             raise ValueError(f"stage '{stage}': unknown; stages are {', '.join(STAGES)}")
@@ -122,7 +129,17 @@ class RunStore:
             tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{time.time_ns()}")
             tmp.mkdir()
             return tmp
-        return Path(tempfile.mkdtemp(prefix=f"{stage}-{key}-"))
+        return Path(tempfile.mkdtemp(prefix=f"{stage}-{key}-{os.getpid()}-"))
+
+    def discard_staging(self, stage: str, key: str) -> None:
+        """Remove this process's staging folders of one artifact (a failed build leaves nothing behind)."""
+        if self.is_local:
+            final = Path(self.artifact_path(stage, key))
+            parent, pattern = final.parent, f".{final.name}.tmp-{os.getpid()}-*"
+        else:
+            parent, pattern = Path(tempfile.gettempdir()), f"{stage}-{key}-{os.getpid()}-*"
+        for folder in parent.glob(pattern):
+            shutil.rmtree(folder, ignore_errors=True)
 
     def publish(self, staging: Path, stage: str, key: str, manifest: dict) -> str:
         """Write the manifest last and move the staged folder into place; returns the artifact path."""

@@ -1,0 +1,354 @@
+"""The project on a real Ray cluster: ``ray job submit``, two nodes, a killed trial, a killed driver.
+
+One cluster on 127.0.0.1 for the module: a head with no CPUs (like cluster.yaml's head: drivers only) and a
+second node (``ray start --address``) with the CPUs, so every trial must run there. Token auth with a fresh
+token in the environment of every node and CLI call; planted HF/cloud tokens must never reach a run root or a
+driver's output. Stopped by its own processes at the end (tests/ray_cluster.py).
+
+Two runs of the same config: the README's ``ray job submit`` command, uninterrupted, and a run that loses a
+trial's worker process and then its driver (both SIGKILL) and is finished by the same command again. Each
+fault test prints a line ``fault-injection: ...`` (faults tried, survived, rows lost).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import psutil
+import pytest
+
+from tests.ray_cluster import REPO, LocalRayCluster
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+CONFIG = "configs/tiny.yaml"
+# The tiny config made small: a quick tiny base, 40 charts, two trials (lora_alpha 16, 8) of three short
+# epochs, so a trial killed after its first epoch's checkpoint still has two to go.
+SMALL = [
+    "model.tiny_pretrain_examples=16",
+    "model.tiny_pretrain_epochs=1",
+    "data.limit=40",
+    "sft.epochs=3",
+    "sft.batch_size=2",
+    "resources.max_concurrent_trials=2",
+    "resources.max_failures=1",
+]
+# The README's submit command runs the whole pipeline; the test submits its first stages (model, data, sft)
+# so its time does not grow with every stage added after them.
+DRIVER = "ray_jobs.sft"
+PLANTED = {
+    "HF_TOKEN": "hf_PLANTEDtokenNEVERwrite0123456789",
+    "AWS_SECRET_ACCESS_KEY": "PLANTEDcloudSECRET9876",
+}
+LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with LocalRayCluster(env=PLANTED) as c:
+        c.start_head(num_cpus=0)
+        c.add_node(num_cpus=2)
+        yield c
+
+
+def artifacts(root: Path) -> dict[str, dict]:
+    """Every registered artifact under a run root: {artifact id: manifest}."""
+    found = {}
+    for manifest in root.glob("*/*/manifest.json"):
+        data = json.loads(manifest.read_text())
+        if data.get("status") == "complete" and not manifest.parent.name.startswith("."):
+            found[data["artifact"]] = data
+    return found
+
+
+def staging_leftovers(root: Path) -> list[Path]:
+    return [p for p in root.glob("*/.*") if ".tmp" in p.name]
+
+
+def trial_dirs(root: Path) -> list[Path]:
+    return sorted(root.glob("sft/_tune/sft-*/train_sft_*"))
+
+
+def results(trial_dir: Path) -> list[dict]:
+    path = trial_dir / "result.json"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def finished(trial_dir: Path) -> bool:
+    # The trainable's last report carries train_examples; earlier ones do not.
+    return any("train_examples" in r for r in results(trial_dir))
+
+
+def trial_states(root: Path) -> dict[str, str]:
+    """Trial id -> status in Tune's saved experiment state (what a restore would see)."""
+    states = {}
+    for path in root.glob("sft/_tune/sft-*/experiment_state-*.json"):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # being replaced
+        for trial_json, _ in data.get("trial_data", []):
+            trial = json.loads(trial_json)
+            states[trial["trial_id"]] = trial["status"]
+    return states
+
+
+def wait_for(condition, timeout: float, what: str, proc: subprocess.Popen | None = None):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = condition()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"driver exited ({proc.returncode}) while waiting for {what}")
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def driver_env(cluster: LocalRayCluster) -> dict:
+    return {**cluster.env, "RAY_ADDRESS": cluster.address}
+
+
+def driver_cmd(root: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", DRIVER, CONFIG, f"run.root={root}", *SMALL, *overrides]
+
+
+def assert_no_planted_tokens(root: Path, *texts: str) -> None:
+    """Tokens are read from the environment only: none may appear in a run root or a driver's output."""
+    for path in root.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            for token in PLANTED.values():
+                assert token.encode() not in data, f"planted token written to {path}"
+    for text in texts:
+        for token in PLANTED.values():
+            assert token not in text, "planted token in a driver's output"
+
+
+def fault_summary(capsys, name: str, tried: int, survived: int, rows_lost: int, **extra) -> None:
+    """One line on the terminal, past pytest's capture, so CI logs show what was injected and what survived."""
+    details = " ".join(f"{k}={v}" for k, v in extra.items())
+    with capsys.disabled():
+        print(
+            f"\nfault-injection: {name}: faults tried={tried} survived={survived} rows lost={rows_lost} {details}"
+        )
+
+
+def in_cluster(cluster: LocalRayCluster, pid: int) -> bool:
+    """Whether a pid belongs to this test's nodes (the tests kill only processes they started)."""
+    ours = {p.pid for p in cluster.nodes}
+    ours |= {c.pid for p in cluster.nodes for c in psutil.Process(p.pid).children(recursive=True)}
+    return pid in ours
+
+
+def copy_first_stages(source: Path, root: Path) -> None:
+    """The finished model and data artifacts of another run (same config sections, so the same ids)."""
+    for stage in ("model", "data"):
+        for folder in source.glob(f"{stage}/{stage}-*"):
+            shutil.copytree(folder, root / stage / folder.name)
+
+
+@pytest.fixture(scope="module")
+def submitted(cluster, tmp_path_factory):
+    """The README's `ray job submit` command, uninterrupted, on the two-node cluster."""
+    root = tmp_path_factory.mktemp("submitted") / "run"
+    job_id = f"vpr-test-{os.getpid()}-{time.time_ns()}"
+    out = cluster.ray(
+        "job",
+        "submit",
+        f"--address={cluster.dashboard_url}",
+        "--no-wait",
+        f"--submission-id={job_id}",
+        "--working-dir",
+        ".",
+        "--runtime-env-json",
+        json.dumps({"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}),
+        "--",
+        "python",
+        "-m",
+        DRIVER,
+        CONFIG,
+        f"run.root={root}",
+        *SMALL,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+
+    def status():
+        state = cluster.api(f"/api/jobs/{job_id}")["status"]
+        return state if state in ("SUCCEEDED", "FAILED", "STOPPED") else None
+
+    state = wait_for(status, 300, f"job {job_id}")
+    logs = cluster.api(f"/api/jobs/{job_id}/logs")["logs"]
+    return {"root": root, "state": state, "logs": logs, "artifacts": artifacts(root)}
+
+
+def test_job_submit_runs_the_first_stages(submitted):
+    assert submitted["state"] == "SUCCEEDED", submitted["logs"][-4000:]
+    logs, root = submitted["logs"], submitted["root"]
+    assert "[ray] joining the cluster at 127.0.0.1:" in logs
+    assert sorted(a.split("-")[0] for a in submitted["artifacts"]) == ["data", "model", "sft"]
+    (sft,) = root.glob("sft/sft-*")
+    table = pd.read_parquet(sft / "trials.parquet")
+    assert sorted(table["config/lora_alpha"]) == [8, 16]
+    for adapter in table["adapter"]:
+        assert (sft / adapter / "adapter_model.safetensors").is_file()
+    assert not staging_leftovers(root)
+    assert_no_planted_tokens(root, logs)
+
+
+def test_trials_ran_on_the_second_node(cluster, submitted):
+    nodes = cluster.alive_nodes()
+    head = next(n["node_id"] for n in nodes if n["is_head_node"])
+    second = next(n["node_id"] for n in nodes if not n["is_head_node"])
+    actors = cluster.api("/api/v0/actors?detail=true&limit=1000")["data"]["result"]["result"]
+    trials = [a for a in actors if a["class_name"].endswith("ImplicitFunc")]
+    assert len(trials) == 2 and all(a["node_id"] == second for a in trials), (head, second, trials)
+    # The results reached the run root: the trial table, each trial's adapter and Tune's state.
+    (sft,) = submitted["root"].glob("sft/sft-*")
+    assert len(pd.read_parquet(sft / "trials.parquet")) == 2
+    assert len(trial_dirs(submitted["root"])) == 2
+    assert all(list(d.glob("checkpoint_*")) for d in trial_dirs(submitted["root"]))
+    # Every connection of this cluster's processes stays on loopback.
+    procs = [psutil.Process(p.pid) for p in cluster.nodes]
+    procs += [c for p in list(procs) for c in p.children(recursive=True)]
+    for proc in procs:
+        try:
+            conns = proc.net_connections(kind="inet")
+        except psutil.Error:
+            continue
+        for conn in conns:
+            assert not conn.raddr or conn.raddr.ip in LOOPBACK, (proc.name(), conn)
+
+
+@pytest.fixture(scope="module")
+def interrupted(cluster, submitted, tmp_path_factory):
+    """The same run with two faults: a trial's worker killed after its first checkpoint, then the driver killed
+    after that trial finished, while the second one trains; then the same command again."""
+    work = tmp_path_factory.mktemp("interrupted")
+    root = work / "run"
+    copy_first_stages(submitted["root"], root)  # saves building the tiny base again
+    # One trial at a time, so the first one finishes while the second one is still to run.
+    cmd = driver_cmd(root, "resources.max_concurrent_trials=1")
+    with open(work / "first.log", "w") as log:
+        first = subprocess.Popen(cmd, env=driver_env(cluster), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            trial_fault = kill_a_trial_worker(cluster, root, first)
+            (done_dir,) = wait_for(
+                lambda: mid_grid(root), 240, "one finished trial, the other one to run", first
+            )
+            first.send_signal(signal.SIGKILL)
+            first.wait(30)
+        finally:
+            if first.poll() is None:
+                first.kill()
+    sft_before_rerun = list(root.glob("sft/sft-*"))
+    done_rows = len(results(done_dir))
+    again = subprocess.run(
+        cmd, env=driver_env(cluster), cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    return {
+        "root": root,
+        "trial_fault": trial_fault,
+        "done_dir": done_dir,
+        "done_rows": done_rows,
+        "sft_before_rerun": sft_before_rerun,
+        "rerun": again,
+        "first_log": (work / "first.log").read_text(),
+    }
+
+
+def kill_a_trial_worker(cluster: LocalRayCluster, root: Path, driver: subprocess.Popen) -> dict:
+    """SIGKILL the running trial's worker process right after its first checkpoint."""
+
+    def first_checkpoint():
+        # Registered by the driver (in result.json), not just written: a checkpoint the driver has not yet
+        # heard of when the worker dies cannot be restored, and the trial would rightly start over.
+        return next(
+            (d for d in trial_dirs(root) if any(r.get("checkpoint_dir_name") for r in results(d))), None
+        )
+
+    trial_dir = wait_for(first_checkpoint, 240, "a trial's first checkpoint", driver)
+    pid = results(trial_dir)[0]["pid"]
+    assert in_cluster(cluster, pid) and not finished(trial_dir), "the trial must still be training"
+    os.kill(pid, signal.SIGKILL)
+    return {"trial_dir": trial_dir, "pid": pid, "killed_at": time.time()}
+
+
+def mid_grid(root: Path) -> list[Path] | None:
+    """The finished trial's folder once one trial is done (and saved as such) and the other is not."""
+    dirs, states = trial_dirs(root), trial_states(root)
+    done = [d for d in dirs if finished(d) and states.get(results(d)[-1]["trial_id"]) == "TERMINATED"]
+    return done if len(dirs) == 2 and len(done) == 1 else None
+
+
+def test_killed_trial_worker_restarts_from_its_checkpoint(interrupted, capsys):
+    """The trial whose worker died went on from its last checkpoint in a new process (resources.max_failures)."""
+    fault = interrupted["trial_fault"]
+    rows = results(fault["trial_dir"])
+    pids = list(dict.fromkeys(r["pid"] for r in rows))
+    assert pids[0] == fault["pid"] and len(pids) == 2, pids  # one restart, in a new process
+    checkpoint_step = max(
+        r["step"] for r in rows if r["pid"] == fault["pid"] and r.get("checkpoint_dir_name")
+    )
+    restarted = [r for r in rows if r["pid"] == pids[1]]
+    # Resumed from the checkpoint: the new process's first step is past it, not step 1 again.
+    assert min(r["step"] for r in restarted if "step" in r) > checkpoint_step
+    assert restarted[-1]["epoch"] == 3 and "train_examples" in restarted[-1]
+    finished_at = (fault["trial_dir"] / "result.json").stat().st_mtime
+    fault_summary(
+        capsys,
+        "trial worker SIGKILL after its first checkpoint",
+        tried=1,
+        survived=1,
+        rows_lost=0 if finished(fault["trial_dir"]) else 1,
+        resumed_after_step=checkpoint_step,
+        finished_s_after_kill=f"{finished_at - fault['killed_at']:.0f}",
+    )
+
+
+def test_killed_driver_resumes_without_retraining(interrupted, submitted, capsys):
+    """SIGKILL of the driver mid-grid; the same command again skips finished stages and trials and ends in the
+    uninterrupted run's artifacts, with nothing half-written left."""
+    root, again = interrupted["root"], interrupted["rerun"]
+    output = again.stdout + again.stderr
+    assert again.returncode == 0, output[-4000:]
+    assert not interrupted["sft_before_rerun"], "the SFT artifact cannot exist before the grid ended"
+    assert "[model] model-" in output and "[data] data-" in output and "already complete, skipped" in output
+    assert "resuming Tune experiment" in output
+    assert len(results(interrupted["done_dir"])) == interrupted["done_rows"], "a finished trial trained again"
+
+    resumed = artifacts(root)
+    assert set(resumed) == set(submitted["artifacts"])
+    for artifact_id, manifest in resumed.items():
+        assert manifest["config"] == submitted["artifacts"][artifact_id]["config"]
+    (sft,) = root.glob("sft/sft-*")
+    (reference,) = submitted["root"].glob("sft/sft-*")
+    table, expected = pd.read_parquet(sft / "trials.parquet"), pd.read_parquet(reference / "trials.parquet")
+    assert sorted(table["config/lora_alpha"]) == sorted(expected["config/lora_alpha"])
+    assert table["eval_loss"].notna().all() and (table["epoch"] == 3).all()
+    assert not staging_leftovers(root)
+
+    def data_rows(arts: dict) -> int:
+        return sum(next(m for a, m in arts.items() if a.startswith("data-"))["metrics"]["rows"].values())
+
+    rows_lost = (len(expected) - len(table)) + (data_rows(submitted["artifacts"]) - data_rows(resumed))
+    assert rows_lost == 0
+    assert_no_planted_tokens(root, output, interrupted["first_log"])
+    fault_summary(
+        capsys,
+        "driver SIGKILL mid-grid",
+        tried=1,
+        survived=1,
+        rows_lost=rows_lost,
+        finished_trials_retrained=0,
+    )
