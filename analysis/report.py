@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from analysis.run import RunTables  # noqa: E402
-from analysis.stats import compare_variants, summarize_variants  # noqa: E402
+from analysis.stats import compare_variants, main_effects, summarize_variants  # noqa: E402
 
 SCORE_SUFFIX = "/score"
 
@@ -104,6 +104,24 @@ def _trial_section(run: RunTables, out: Path) -> list[str]:
     return lines
 
 
+def _effects_section(run: RunTables, out: Path) -> list[str]:
+    lines: list[str] = []
+    for score_col in [c for c in run.evaluation.columns if c.endswith(SCORE_SUFFIX)]:
+        effects = grid_effects(run.evaluation, run.trials, score_col)
+        if effects is not None:
+            name = f"grid_effects_{score_col.removesuffix(SCORE_SUFFIX).replace('/', '_')}"
+            lines += [
+                f"### Main effects of the SFT grid on {score_col} (difference from the lowest level, 95% CI)",
+                "",
+            ]
+            lines += [_md(effects, ".3f"), "", _save_table(effects, out, name), ""]
+    agreement = judge_agreement(run.evaluation)
+    if agreement is not None:
+        lines += ["### Judge agreement (same answers)", "", _md(agreement, ".3f"), ""]
+        lines += [_save_table(agreement, out, "judge_agreement"), ""]
+    return lines
+
+
 def _best_trial_variant(variants: list[str], evaluation: pd.DataFrame, score_col: str) -> str | None:
     trials = [v for v in variants if str(v).startswith("sft/")]
     if not trials:
@@ -142,6 +160,39 @@ def _eval_section(evaluation: pd.DataFrame, out: Path, baseline: str) -> list[st
     return lines
 
 
+def grid_effects(
+    evaluation: pd.DataFrame, trials: pd.DataFrame | None, score_col: str
+) -> pd.DataFrame | None:
+    """Main effect of each swept hyperparameter on the test score, over the SFT trials' answers."""
+    if trials is None or "trial_id" not in trials:
+        return None
+    swept = [c for c in trials.columns if c.startswith("config/") and trials[c].nunique(dropna=True) > 1]
+    if not swept:
+        return None
+    configs = trials.dropna(subset=swept).assign(variant=lambda t: "sft/" + t["trial_id"].astype(str))
+    joined = evaluation.merge(configs[["variant", *swept]], on="variant")
+    return main_effects(joined, swept, score_col) if len(joined) else None
+
+
+def judge_agreement(evaluation: pd.DataFrame) -> pd.DataFrame | None:
+    """Pearson and Spearman correlation between every two judges' scores of the same answers."""
+    cols = [c for c in evaluation.columns if c.endswith(SCORE_SUFFIX)]
+    rows = []
+    for i, a in enumerate(cols):
+        for b in cols[i + 1 :]:
+            both = evaluation[[a, b]].dropna()
+            rows.append(
+                {
+                    "judge_a": a,
+                    "judge_b": b,
+                    "n": len(both),
+                    "pearson": both[a].corr(both[b]) if len(both) > 2 else float("nan"),
+                    "spearman": both[a].corr(both[b], method="spearman") if len(both) > 2 else float("nan"),
+                }
+            )
+    return pd.DataFrame(rows) if rows else None
+
+
 def write_report(run: RunTables, out_dir: str | Path, baseline: str = "base") -> Path:
     """Write report.md, its plots and tables into out_dir; returns the report's path."""
     out = Path(out_dir)
@@ -166,6 +217,7 @@ def write_report(run: RunTables, out_dir: str | Path, baseline: str = "base") ->
         ]
     if run.evaluation is not None:
         lines += _eval_section(run.evaluation, out, baseline)
+        lines += _effects_section(run, out)
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path

@@ -5,6 +5,7 @@ import re
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from analysis.report import write_report
 from analysis.run import load_run
@@ -64,12 +65,14 @@ def test_report_from_fake_run(tmp_path):
     rows = []
     for variant, shift in [("base", 0), ("sft/t0", 30), ("sft/t1", 1)]:
         for i in range(40):
+            score = 40 + shift + rng.normal(0, 5)
             rows.append(
                 {
                     "variant": variant,
                     "example_id": f"e{i}",
                     "sample": 0,
-                    "reference/score": 40 + shift + rng.normal(0, 5),
+                    "reference/score": score,
+                    "critic/score": score + rng.normal(0, 1) if i % 10 else float("nan"),
                 }
             )
     _fake_run(tmp_path / "run", pd.DataFrame(rows))
@@ -85,6 +88,12 @@ def test_report_from_fake_run(tmp_path):
     assert "Paired differences against sft/t0" in text
     comparison = pd.read_csv(tmp_path / "out" / "compare_reference_vs_base.csv")
     assert comparison.set_index("variant").loc["sft/t0", "verdict"] == "better"
+    # Trial t0 (alpha 16) scores ~29 above t1 (alpha 8): the grid's main effect of alpha says so.
+    effects = pd.read_csv(tmp_path / "out" / "grid_effects_reference.csv").dropna(subset=["diff"])
+    (alpha,) = effects[effects["factor"] == "config/lora_alpha"].itertuples()
+    assert alpha.diff == pytest.approx(29, abs=3) and alpha.diff_ci_lo > 0
+    agreement = pd.read_csv(tmp_path / "out" / "judge_agreement.csv")
+    assert agreement.loc[0, "n"] == 108 and agreement.loc[0, "spearman"] > 0.9
 
 
 def test_report_on_the_study_scores(shared_data, tmp_path):
