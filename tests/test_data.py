@@ -123,3 +123,17 @@ def test_hub_dataset_without_network_fails_clearly(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(DataError, match="could not be loaded"):
         list(read_onevision("some-org/not-a-local-dataset", "LRV Chart"))
+
+
+def test_split_folder_source_keeps_its_splits(tiny_data_dir, tmp_path):
+    """A folder already split (a pairs stage's best_of_k/) is SFT data for a later round, splits unchanged."""
+    cfg = DataConfig(source="splits", path=str(tiny_data_dir))
+    metrics = build_splits(cfg, 123, tmp_path / "again")
+    for split in ("train", "val", "test"):
+        original, copied = load_split(tiny_data_dir, split), load_split(tmp_path / "again", split)
+        assert list(copied["example_id"]) == list(original["example_id"])
+        assert metrics["rows"][split] == len(original)
+    (tmp_path / "partial").mkdir()
+    load_split(tiny_data_dir, "train").to_parquet(tmp_path / "partial" / "train.parquet")
+    with pytest.raises(DataError, match="needs train.parquet, val.parquet and test.parquet"):
+        build_splits(DataConfig(source="splits", path=str(tmp_path / "partial")), 0, tmp_path / "x")

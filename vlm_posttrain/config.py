@@ -73,8 +73,10 @@ class ModelConfig:
 @dataclass(frozen=True)
 class DataConfig:
     # synthetic: built-in chart generator; jsonl: a folder with annotations.jsonl + images/;
-    # onevision: a parquet file/folder or hub dataset in the LLaVA-OneVision-Data row schema.
-    source: Literal["synthetic", "jsonl", "onevision"]
+    # onevision: a parquet file/folder or hub dataset in the LLaVA-OneVision-Data row schema;
+    # splits: a folder already holding train/val/test.parquet in this project's schema, kept as split
+    # (a pairs artifact's best_of_k/: the rejection-sampled answers as SFT data for a later round).
+    source: Literal["synthetic", "jsonl", "onevision", "splits"]
     path: str = ""
     subset: str = ""
     limit: int = 0

@@ -234,19 +234,44 @@ def data_hash(rows: list[dict]) -> str:
     return h.hexdigest()[:16]
 
 
+def split_rows(cfg: DataConfig, seed: int, where: str) -> tuple[dict[str, list[dict]], list[dict], Rejects]:
+    """Rows by split: read and hashed into splits, or (source ``splits``) read from a folder already split."""
+    if cfg.source != "splits":
+        limit = 0 if cfg.source == "synthetic" else cfg.limit
+        rows, rejects = collect(read_source(cfg, seed), cfg.bad_rows, limit, where)
+        by_split: dict[str, list[dict]] = {s: [] for s in SPLITS}
+        for row in rows:
+            by_split[split_of(row["group"], seed, cfg.val_fraction, cfg.test_fraction)].append(row)
+        return by_split, rows, rejects
+    folder = Path(cfg.path)
+    if not all((folder / f"{s}.parquet").is_file() for s in SPLITS):
+        raise DataError(
+            f"{where}: needs train.parquet, val.parquet and test.parquet (e.g. a pairs best_of_k/)"
+        )
+    by_split, rejects = {}, Rejects()
+    for split in SPLITS:
+        records = pd.read_parquet(folder / f"{split}.parquet").to_dict("records")
+        for row in records:
+            row["conversations"] = [dict(t) for t in row["conversations"]]
+        if records:
+            kept, split_rejects = collect(records, cfg.bad_rows, 0, f"{where} ({split})")
+            rejects.counts.update(split_rejects.counts)
+            rejects.examples.update(split_rejects.examples)
+        else:
+            kept = []
+        by_split[split] = kept
+    return by_split, [r for s in SPLITS for r in by_split[s]], rejects
+
+
 def build_splits(cfg: DataConfig, seed: int, out_dir: Path) -> dict:
     """Read, check, split and write ``train/val/test.parquet``; returns the manifest's metrics."""
-    limit = 0 if cfg.source == "synthetic" else cfg.limit
     where = f"data.path '{cfg.path}'" if cfg.path else f"data.source '{cfg.source}'"
-    rows, rejects = collect(read_source(cfg, seed), cfg.bad_rows, limit, where)
-    by_split: dict[str, list[dict]] = {s: [] for s in SPLITS}
-    for row in rows:
-        by_split[split_of(row["group"], seed, cfg.val_fraction, cfg.test_fraction)].append(row)
+    by_split, rows, rejects = split_rows(cfg, seed, where)
     if not by_split["train"]:
         raise DataError("the split left no training rows; lower data.val_fraction / data.test_fraction")
     out_dir.mkdir(parents=True, exist_ok=True)
-    for split, split_rows in by_split.items():
-        pd.DataFrame(split_rows, columns=list(COLUMNS)).to_parquet(out_dir / f"{split}.parquet", index=False)
+    for split, kept in by_split.items():
+        pd.DataFrame(kept, columns=list(COLUMNS)).to_parquet(out_dir / f"{split}.parquet", index=False)
     return {
         "data_hash": data_hash(rows),
         "rows": {s: len(r) for s, r in by_split.items()},
