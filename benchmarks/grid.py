@@ -36,6 +36,7 @@ from benchmarks.common import REPO, median, offline_env, parser, print_table, re
 
 GRID = {"lora_alpha": [16, 8], "lora_dropout": [0.05, 0.1]}
 SIDES = ("serial", "ray", "ray-lean")
+EXTRA_SIDES = ("ray-noreuse",)  # the driver before its cut: a new worker process (and its imports) per trial
 
 
 def build_parser():
@@ -43,7 +44,9 @@ def build_parser():
     p.add_argument("--repeats", type=int, default=2, help="runs of each side, alternated")
     p.add_argument("--examples", type=int, default=96, help="synthetic charts (80%% train, 10%% val)")
     p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--sides", default=",".join(SIDES), help="comma-separated subset of " + ", ".join(SIDES))
+    p.add_argument(
+        "--sides", default=",".join(SIDES), help="comma-separated subset of " + ", ".join(SIDES + EXTRA_SIDES)
+    )
     p.add_argument(
         "--serial-threads",
         type=int,
@@ -101,7 +104,7 @@ def run_serial(work: Path, root: Path, epochs: float, threads: int) -> dict:
     return {"imports_s": imported - STARTED, "trial_s": trials}
 
 
-def run_ray(work: Path, root: Path, epochs: float, lean: bool) -> dict:
+def run_ray(work: Path, root: Path, epochs: float, lean: bool, reuse: bool = True) -> dict:
     import ray
 
     from ray_jobs import sft as sft_job
@@ -110,6 +113,11 @@ def run_ray(work: Path, root: Path, epochs: float, lean: bool) -> dict:
 
     cfg = experiment(root, epochs)
     imported = time.time()
+    if not reuse:
+        from ray import tune
+
+        original = tune.TuneConfig
+        tune.TuneConfig = lambda **kw: original(**{**kw, "reuse_actors": False})  # what make_tuner set before
     if lean:
         os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
         env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -141,7 +149,7 @@ def child(side: str, work: Path, epochs: float, threads: int) -> None:
     if side == "serial":
         out = run_serial(work, root, epochs, threads)
     else:
-        out = run_ray(work, root, epochs, lean=side == "ray-lean")
+        out = run_ray(work, root, epochs, lean=side == "ray-lean", reuse=side != "ray-noreuse")
     out["total_s"] = time.time() - STARTED
     print("RESULT " + json.dumps(out))
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import pandas as pd
 
 from ray_jobs import model as model_job
+from ray_jobs import sft as sft_job
 from ray_jobs.session import cli, connect, parse_args, stage
 from vlm_posttrain.config import ExperimentConfig
 from vlm_posttrain.store import RunStore, build_manifest, digest
@@ -53,7 +54,9 @@ def make_tuner(cfg: ExperimentConfig, store: RunStore, key: str, setup):
 
     trainable = tune.with_resources(
         tune.with_parameters(train_dpo_trial, setup=setup),
-        {"cpu": cfg.resources.cpus_per_trial, "gpu": cfg.resources.gpus_per_trial},
+        # The SFT trials' share (``auto`` resolved from their memory estimate); a DPO step holds about twice
+        # an SFT step's tokens (chosen and rejected), so the estimate is a lower bound here.
+        {"cpu": cfg.resources.cpus_per_trial, "gpu": sft_job.gpus_per_trial(cfg, setup.base_dir)},
     )
     storage, name = store.tune_storage("dpo"), f"dpo-{key}"
     path = f"{storage}/{name}"
