@@ -22,6 +22,7 @@ With K samples per prompt, :func:`tournament` scores each sample by wins minus l
 
 from __future__ import annotations
 
+import abc
 import functools
 import hashlib
 import math
@@ -115,7 +116,7 @@ def label_order(key: str, labels: tuple[str, str]) -> tuple[str, str]:
     return (labels[1], labels[0]) if flip else labels
 
 
-class PairwiseJudge:
+class PairwiseJudge(abc.ABC):
     """Both orders, labels swapped with the order; subclasses decide single showings in ``decide``."""
 
     name = "judge"
@@ -136,8 +137,9 @@ class PairwiseJudge:
             verdicts.append(PairVerdict(combine(pair), pair))
         return verdicts
 
+    @abc.abstractmethod
     def decide(self, shown: list[tuple[PairTask, Presentation]]) -> list[Presentation]:
-        raise NotImplementedError
+        """One verdict per single showing (task, presentation), in order."""
 
 
 def ordered(task: PairTask, shown: Presentation) -> tuple[str, str]:
