@@ -92,6 +92,12 @@ def task_table(cfg: EvalConfig, data_dir: str, variants: list[Variant]) -> pd.Da
 def evaluate_with_ray(
     cfg: ExperimentConfig, base_dir: str, data_dir: str, variants: list[Variant]
 ) -> pd.DataFrame:
+    out = answer_dataset(cfg, base_dir, data_dir, variants).to_pandas().drop(columns=["image"])
+    return out.sort_values(["variant", "system_prompt", "example_id", "sample"], ignore_index=True)
+
+
+def answer_dataset(cfg: ExperimentConfig, base_dir: str, data_dir: str, variants: list[Variant]):
+    """The stage's lazy Ray Data pipeline: task table -> answering pool -> judges (rows keep their image)."""
     import ray
 
     e = cfg.eval
@@ -112,8 +118,7 @@ def evaluate_with_ray(
         ds = ds.map_batches(reference_scores, batch_format="pandas")
     if "critic" in e.judges:
         ds = ds.map_batches(ScoreWithCritic, fn_constructor_kwargs={"cfg": e}, **actor_options(e))
-    out = ds.to_pandas().drop(columns=["image"])
-    return out.sort_values(["variant", "system_prompt", "example_id", "sample"], ignore_index=True)
+    return ds
 
 
 def eval_key(

@@ -1,5 +1,5 @@
 """The eval stage: critic scores read as the critic states them, the expected-score mode on a tiny
-LLaVA-OneVision critic, adapters switched per variant, and a Ray Data run writing the long table."""
+LLaVA-OneVision critic, adapters switched per variant, mixed-variant batches, and a Ray Data run writing the long table."""
 
 import math
 
@@ -101,6 +101,51 @@ def test_variants_switch_adapters_without_reloading(tiny_model_dir, tiny_data_di
         logits["base"][1], plain, atol=1e-5
     )
     assert not torch.allclose(logits["a"][0], plain, atol=1e-3)
+
+
+def test_a_mixed_batch_answers_as_each_variant_alone(tiny_model_dir, tiny_data_dir, tmp_path):
+    """One generate call over rows of several variants gives each row its own variant's greedy answer."""
+    from peft import get_peft_model
+
+    from vlm_posttrain import modeling
+    from vlm_posttrain.config import LORA_LANGUAGE_TARGET, ModelConfig
+    from vlm_posttrain.evaluation import Variant, VariantAnswerer
+    from vlm_posttrain.generation import Sampling
+
+    cfg = ModelConfig(name=str(tiny_model_dir))
+    for seed, name in ((1, "a"), (2, "b")):
+        torch.manual_seed(seed)
+        peft = get_peft_model(
+            modeling.load_base(str(tiny_model_dir), cfg),
+            modeling.lora_config(4, 8, 0.0, LORA_LANGUAGE_TARGET, False),
+        )
+        with torch.no_grad():
+            for param_name, p in peft.named_parameters():
+                if "lora_B" in param_name:
+                    p.normal_(0, 0.5)
+        peft.save_pretrained(tmp_path / name)
+    variants = [Variant("base"), Variant("a", str(tmp_path / "a")), Variant("b", str(tmp_path / "b"))]
+    answerer = VariantAnswerer(tiny_model_dir, cfg, variants)
+    test = load_split(tiny_data_dir, "train").head(3)
+    tasks = pd.concat([test.assign(variant=v.name, system_prompt="") for v in variants], ignore_index=True)
+    tasks = tasks.sample(frac=1.0, random_state=0, ignore_index=True)  # variants interleaved in the batch
+    sampling = Sampling(max_new_tokens=8)
+    calls = []
+    generate = answerer.generator.generate
+    answerer.generator.generate = lambda *a, **kw: calls.append(len(a[1])) or generate(*a, **kw)
+    mixed = pd.DataFrame(answerer.answer_rows(tasks, sampling, samples=1, seed=0))
+    assert calls == [len(tasks)]  # the whole batch in one generate call
+    alone = pd.concat(
+        [
+            pd.DataFrame(answerer.answer_rows(tasks[tasks["variant"] == v.name], sampling, samples=1, seed=0))
+            for v in variants
+        ]
+    )
+    key = ["variant", "example_id"]
+    mixed, alone = (t.sort_values(key, ignore_index=True) for t in (mixed, alone))
+    assert mixed[key + ["answer", "answer_tokens"]].equals(alone[key + ["answer", "answer_tokens"]])
+    answers = mixed.pivot(index="example_id", columns="variant", values="answer")
+    assert (answers["a"] != answers["base"]).any() and (answers["b"] != answers["a"]).any()
 
 
 @pytest.mark.slow

@@ -1,8 +1,8 @@
 """The evaluation stage's work: answer the test split with every model variant, then score every answer.
 
 A variant is the base model or the base plus one adapter (an SFT trial, a soup, a DPO round). The base is
-loaded once and each adapter is attached as a named PEFT adapter, switched per batch, so a pool of actors
-answers for all variants without reloading 7B weights. Decoding is greedy by default; with ``samples > 1``
+loaded once and each adapter is attached as a named PEFT adapter; each row of a batch is routed through its
+variant's adapter, so a pool of actors answers for all variants without reloading 7B weights, at full batch. Decoding is greedy by default; with ``samples > 1``
 each example's samples are seeded from (run seed, example id), the same seeds for every variant, so paired
 comparisons share their randomness.
 
@@ -27,12 +27,16 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from peft import PeftModel
 
 from vlm_posttrain import modeling, prompts
 from vlm_posttrain.config import ModelConfig
 from vlm_posttrain.data import decode_image
 from vlm_posttrain.generation import Generator, Sampling, derive_seed
 from vlm_posttrain.reference import score_reference
+
+# PEFT's name for "no adapter" in a mixed-adapter batch.
+BASE_ADAPTER = "__base__"
 
 
 @dataclass(frozen=True)
@@ -42,7 +46,11 @@ class Variant:
 
 
 class VariantAnswerer:
-    """The base model once, every variant's adapter attached by name; answers batches of test rows."""
+    """The base model once, every variant's adapter attached by name; answers mixed batches of test rows.
+
+    One ``generate`` call per batch, whatever variants it mixes: PEFT routes each row through its own
+    adapter (``adapter_names``), so a batch is as wide as configured, not as wide as one variant's share.
+    """
 
     def __init__(self, base_dir: str | Path, model_cfg: ModelConfig, variants: Sequence[Variant]):
         device_map = "cuda" if torch.cuda.is_available() else None
@@ -56,12 +64,15 @@ class VariantAnswerer:
             self.adapter_names[variant.name] = name
         self.generator = Generator(model.eval(), processor)
 
+    def _check(self, variant: str) -> str | None:
+        if variant not in self.adapter_names:
+            raise KeyError(f"variant '{variant}' was not loaded; loaded: {', '.join(self.adapter_names)}")
+        return self.adapter_names[variant]
+
     @contextmanager
     def active(self, variant: str):
         """Route the forward pass through one variant's adapter, or through none for the base."""
-        if variant not in self.adapter_names:
-            raise KeyError(f"variant '{variant}' was not loaded; loaded: {', '.join(self.adapter_names)}")
-        model, name = self.generator.model, self.adapter_names[variant]
+        model, name = self.generator.model, self._check(variant)
         if name is None:
             with model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext():
                 yield
@@ -69,33 +80,47 @@ class VariantAnswerer:
             model.set_adapter(name)
             yield
 
+    def routing(self, variants: Sequence[str]) -> list[str] | None:
+        """PEFT's per-row adapter names for these variants (None when no adapter is loaded at all)."""
+        names = [self._check(v) for v in variants]
+        if not isinstance(self.generator.model, PeftModel):
+            return None
+        return [name or BASE_ADAPTER for name in names]
+
     def answer_rows(self, tasks: pd.DataFrame, sampling: Sampling, samples: int, seed: int) -> list[dict]:
         """One output row per (task, sample); tasks need variant, system_prompt, example_id, image, conversations."""
+        conversations = [list(c) for c in tasks["conversations"]]
+        texts = [
+            self.generator.prompt(c, p) for c, p in zip(conversations, tasks["system_prompt"], strict=True)
+        ]
+        images = [decode_image(b) for b in tasks["image"]]
+        seeds = [derive_seed(seed, example_id) for example_id in tasks["example_id"]]
+        out = self.generator.generate(
+            images,
+            texts,
+            k=samples,
+            sampling=sampling,
+            seeds=seeds,
+            adapter_names=self.routing(tasks["variant"]),
+        )
+        latency = out.seconds / max(1, len(tasks))
         rows: list[dict] = []
-        for (variant, system_prompt), group in tasks.groupby(["variant", "system_prompt"], sort=False):
-            conversations = [list(c) for c in group["conversations"]]
-            texts = [self.generator.prompt(c, system_prompt) for c in conversations]
-            images = [decode_image(b) for b in group["image"]]
-            seeds = [derive_seed(seed, example_id) for example_id in group["example_id"]]
-            with self.active(variant):
-                out = self.generator.generate(images, texts, k=samples, sampling=sampling, seeds=seeds)
-            latency = out.seconds / len(group)
-            for i, task in enumerate(group.itertuples(index=False)):
-                for j in range(samples):
-                    rows.append(
-                        {
-                            "variant": variant,
-                            "system_prompt": system_prompt,
-                            "example_id": task.example_id,
-                            "sample": j,
-                            "question": prompts.final_question(conversations[i]),
-                            "reference": prompts.final_answer(conversations[i]),
-                            "answer_type": task.answer_type,
-                            "answer": out.texts[i][j],
-                            "answer_tokens": out.tokens[i][j],
-                            "latency_s": latency,
-                        }
-                    )
+        for i, task in enumerate(tasks.itertuples(index=False)):
+            for j in range(samples):
+                rows.append(
+                    {
+                        "variant": task.variant,
+                        "system_prompt": task.system_prompt,
+                        "example_id": task.example_id,
+                        "sample": j,
+                        "question": prompts.final_question(conversations[i]),
+                        "reference": prompts.final_answer(conversations[i]),
+                        "answer_type": task.answer_type,
+                        "answer": out.texts[i][j],
+                        "answer_tokens": out.tokens[i][j],
+                        "latency_s": latency,
+                    }
+                )
         return rows
 
 

@@ -166,10 +166,19 @@ class Generator:
         k: int = 1,
         sampling: Sampling = Sampling(),
         seeds: Sequence[int] | None = None,
+        adapter_names: Sequence[str] | None = None,
     ) -> Completions:
-        """k answers per prompt in one ``generate`` call; ``seeds`` (one per prompt) make sampling reproducible."""
+        """k answers per prompt in one ``generate`` call; ``seeds`` (one per prompt) make sampling reproducible.
+
+        ``adapter_names`` (one per prompt, on a PeftModel) routes each prompt through its own LoRA adapter, or
+        through none with PEFT's ``"__base__"``, so one batch can serve several model variants.
+        """
         if len(images) != len(texts):
             raise ValueError(f"{len(images)} images for {len(texts)} prompts; give one image per prompt")
+        if adapter_names is not None and len(adapter_names) != len(texts):
+            raise ValueError(
+                f"{len(adapter_names)} adapter names for {len(texts)} prompts; give one per prompt"
+            )
         seeds = list(seeds) if seeds is not None else [0] * len(texts)
         sample_seeds = [[derive_seed(seed, j) for j in range(k)] for seed in seeds]
         start = time.perf_counter()
@@ -185,8 +194,13 @@ class Generator:
         if sampling.temperature > 0:
             flat = [s for row in sample_seeds for s in row]
             processors.append(SeededGumbelSampler(flat, sampling.temperature, sampling.top_p, self.device))
+        routing = {}
+        if adapter_names is not None:
+            routing["adapter_names"] = [name for name in adapter_names for _ in range(k)]
         with torch.inference_mode():
-            out = self.model.generate(**inputs, generation_config=config, logits_processor=processors)
+            out = self.model.generate(
+                **inputs, generation_config=config, logits_processor=processors, **routing
+            )
         new = out[:, inputs["input_ids"].shape[1] :].cpu()
         seconds = time.perf_counter() - start
         texts_out, lengths = self._decode(new)
