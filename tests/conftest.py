@@ -1,5 +1,6 @@
-"""Shared pytest fixtures: offline hub, the ../shared data folder, tiny models built once per session."""
+"""Shared pytest fixtures: offline hub, Ray on loopback, the ../shared data folder, tiny models built once."""
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -9,6 +10,24 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
+LOOPBACK_SITE = REPO / "tests" / "loopback"
+
+
+def _pin_ray_to_loopback() -> None:
+    """Every Ray a test starts (``ray.init``, driver subprocesses, their workers) targets 127.0.0.1 only.
+
+    Here before Ray is imported, and on PYTHONPATH for every process started from this one.
+    """
+    spec = importlib.util.spec_from_file_location(
+        "_loopback_sitecustomize", LOOPBACK_SITE / "sitecustomize.py"
+    )
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    if str(LOOPBACK_SITE) not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(LOOPBACK_SITE), *paths]))
+
+
+_pin_ray_to_loopback()
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
