@@ -95,14 +95,19 @@ class VariantAnswerer:
         ]
         images = [decode_image(b) for b in tasks["image"]]
         seeds = [derive_seed(seed, example_id) for example_id in tasks["example_id"]]
-        out = self.generator.generate(
-            images,
-            texts,
-            k=samples,
-            sampling=sampling,
-            seeds=seeds,
-            adapter_names=self.routing(tasks["variant"]),
-        )
+        variants = list(tasks["variant"])
+        single = len(set(variants)) == 1
+        # A batch of one variant runs with its adapter alone active: PEFT's per-row routing gathers and
+        # scatters rows in every LoRA layer at every step, which costs about a third of a tiny model's time.
+        with self.active(variants[0]) if single else nullcontext():
+            out = self.generator.generate(
+                images,
+                texts,
+                k=samples,
+                sampling=sampling,
+                seeds=seeds,
+                adapter_names=None if single else self.routing(variants),
+            )
         latency = out.seconds / max(1, len(tasks))
         rows: list[dict] = []
         for i, task in enumerate(tasks.itertuples(index=False)):
