@@ -80,6 +80,9 @@ def pairs_key(cfg: ExperimentConfig, store: RunStore, base_dir: str, data_dir: s
 def actor_options(p: PairsConfig) -> dict:
     import ray
 
+    # Pool actors get Ray Data's max_restarts=-1 and max_task_retries=-1: a dead actor is restarted and the
+    # batches it held are retried, so no row is lost (tests/test_cluster.py kills both pools mid-run). Not
+    # passed here: map_batches takes them only through the **ray_remote_args that Ray 2.64 removes.
     options = {
         "compute": ray.data.ActorPoolStrategy(size=p.actors),
         "batch_size": p.batch_size,

@@ -56,6 +56,9 @@ class LocalRayCluster:
             "RAY_USAGE_STATS_ENABLED": "0",
             "HF_HUB_OFFLINE": "1",
             "TOKENIZERS_PARALLELISM": "false",
+            # SIGTERM to `ray start --block` otherwise waits up to 30s for the node to drain, which a node
+            # never does while Ray Data's detached helper actors (stats, location tracker) still live on it.
+            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
             # `ray job submit -- python ...` runs the python on the PATH of the node's `ray start`.
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
             "PYTHONPATH": os.pathsep.join(filter(None, [str(LOOPBACK_SITE), os.environ.get("PYTHONPATH")])),

@@ -6,7 +6,8 @@ token in the environment of every node and CLI call; planted HF/cloud tokens mus
 driver's output. Stopped by its own processes at the end (tests/ray_cluster.py).
 
 Two runs of the same config: the README's ``ray job submit`` command, uninterrupted, and a run that loses a
-trial's worker process and then its driver (both SIGKILL) and is finished by the same command again. Each
+trial's worker process and then its driver (both SIGKILL) and is finished by the same command again. Then
+the pairs stage on that first run's artifacts, its Ray Data actors (both pools) SIGKILLed mid-pipeline. Each
 fault test prints a line ``fault-injection: ...`` (faults tried, survived, rows lost).
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -119,8 +121,8 @@ def driver_env(cluster: LocalRayCluster) -> dict:
     return {**cluster.env, "RAY_ADDRESS": cluster.address}
 
 
-def driver_cmd(root: Path, *overrides: str) -> list[str]:
-    return [sys.executable, "-m", DRIVER, CONFIG, f"run.root={root}", *SMALL, *overrides]
+def driver_cmd(root: Path, *overrides: str, driver: str = DRIVER) -> list[str]:
+    return [sys.executable, "-m", driver, CONFIG, f"run.root={root}", *SMALL, *overrides]
 
 
 def assert_no_planted_tokens(root: Path, *texts: str) -> None:
@@ -151,9 +153,9 @@ def in_cluster(cluster: LocalRayCluster, pid: int) -> bool:
     return pid in ours
 
 
-def copy_first_stages(source: Path, root: Path) -> None:
-    """The finished model and data artifacts of another run (same config sections, so the same ids)."""
-    for stage in ("model", "data"):
+def copy_first_stages(source: Path, root: Path, stages: tuple[str, ...] = ("model", "data")) -> None:
+    """The finished artifacts of another run's first stages (same config sections, so the same ids)."""
+    for stage in stages:
         for folder in source.glob(f"{stage}/{stage}-*"):
             shutil.copytree(folder, root / stage / folder.name)
 
@@ -352,3 +354,125 @@ def test_killed_driver_resumes_without_retraining(interrupted, submitted, capsys
         rows_lost=rows_lost,
         finished_trials_retrained=0,
     )
+
+
+# Ray Data's actor class for map_batches(<class>) on an actor pool is MapWorker(<operator name>).
+GENERATOR_POOL = "MapWorker(MapBatches(GenerateAnswers))"
+JUDGE_POOL = "MapWorker(MapBatches(JudgeAnswers))"
+# Every train prompt, one per batch: the generator still has most of its batches to go when the state API
+# reports its first one finished (task events reach it about a second late).
+PAIRS_SMALL = ["pairs.limit=0", "pairs.batch_size=1", "pairs.actors=1"]
+
+
+def ray_state(cluster: LocalRayCluster, kind: str, detail: bool = False) -> list[dict]:
+    """Rows of the state API: ``actors`` or ``tasks`` of every job on the cluster."""
+    path = f"/api/v0/{kind}?detail={str(detail).lower()}&limit=10000"
+    return cluster.api(path)["data"]["result"]["result"]
+
+
+def pool_tasks(tasks: list[dict], actor_id: str) -> list[dict]:
+    """The batches (``submit`` calls, every attempt) sent to one pool actor."""
+    return [t for t in tasks if t.get("actor_id") == actor_id and t["name"].endswith(".submit")]
+
+
+def kill_ray_data_actors(cluster: LocalRayCluster, driver: subprocess.Popen) -> dict:
+    """SIGKILL the worker process of both pools' actors once the generator has finished a batch."""
+
+    def mid_pipeline():
+        try:
+            actors, tasks = ray_state(cluster, "actors"), ray_state(cluster, "tasks")
+        except (OSError, ValueError):
+            return None  # the dashboard is busy: ask again
+        alive = {a["class_name"]: a for a in actors if a["state"] == "ALIVE"}
+        if GENERATOR_POOL not in alive or JUDGE_POOL not in alive:
+            return None
+        done = [t for t in pool_tasks(tasks, alive[GENERATOR_POOL]["actor_id"]) if t["state"] == "FINISHED"]
+        return ([alive[GENERATOR_POOL], alive[JUDGE_POOL]], len(done)) if done else None
+
+    actors, batches_done = wait_for(mid_pipeline, 300, "the generator pool's first finished batch", driver)
+    assert all(in_cluster(cluster, a["pid"]) for a in actors), actors
+    running = driver.poll() is None
+    for actor in actors:
+        os.kill(actor["pid"], signal.SIGKILL)
+    return {
+        "actors": actors,
+        "batches_done": batches_done,
+        "driver_running": running,
+        "killed_at": time.time(),
+    }
+
+
+def test_killed_ray_data_actors_lose_no_rows(cluster, submitted, tmp_path, capsys):
+    """The pairs stage with its generator and judge actors SIGKILLed mid-pipeline: Ray restarts both
+    (Ray Data's max_restarts=-1), retries the batches they held (max_task_retries=-1), and the artifact has every input
+    prompt exactly once."""
+    root = tmp_path / "run"
+    copy_first_stages(submitted["root"], root, ("model", "data", "sft"))  # pairs is the only stage to run
+    cmd = driver_cmd(root, *PAIRS_SMALL, driver="ray_jobs.pairs")
+    with open(tmp_path / "pairs.log", "w") as log:
+        driver = subprocess.Popen(
+            cmd, env=driver_env(cluster), cwd=REPO, stdout=log, stderr=subprocess.STDOUT
+        )
+        try:
+            fault = kill_ray_data_actors(cluster, driver)
+            try:
+                driver.wait(300)
+            except subprocess.TimeoutExpired:
+                raise AssertionError(
+                    "the pairs driver still runs 300s after its actors were killed"
+                ) from None
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+                driver.wait()
+    output = (tmp_path / "pairs.log").read_text()
+    assert driver.returncode == 0, output[-4000:]
+    assert fault["driver_running"], "the actors must be killed while the pipeline runs"
+    for stage in ("model", "data", "sft"):
+        assert re.search(rf"\[{stage}\] {stage}-\w+ already complete, skipped", output), (
+            f"{stage} was rebuilt"
+        )
+    # Each killed actor came back: same actor, a new worker process.
+    killed = {a["actor_id"]: a for a in fault["actors"]}
+    after = {a["actor_id"]: a for a in ray_state(cluster, "actors", detail=True) if a["actor_id"] in killed}
+    restarted = [i for i, a in after.items() if int(a["num_restarts"]) >= 1 and a["pid"] != killed[i]["pid"]]
+    generator = fault["actors"][0]["actor_id"]
+
+    # A batch the generator held when it died ran again (so the kill was mid-pipeline, not after its last
+    # batch); task events reach the state API a little after the tasks end.
+    def generator_retried():
+        return [t for t in pool_tasks(ray_state(cluster, "tasks"), generator) if t["attempt_number"] >= 1]
+
+    wait_for(generator_retried, 60, "a retried attempt of a batch the killed generator held")
+    tasks = [t for i in killed for t in pool_tasks(ray_state(cluster, "tasks"), i)]
+    retried = {t["task_id"] for t in tasks if t["attempt_number"] >= 1 and t["state"] == "FINISHED"}
+
+    # Rows: every train prompt judged exactly once (samples.parquet holds k rows per judged prompt).
+    (pairs_dir,) = root.glob("pairs/pairs-*")
+    manifest = artifacts(root)[pairs_dir.name]
+    (train,) = root.glob("data/data-*/train.parquet")
+    expected = pd.read_parquet(train, columns=["example_id"])["example_id"].astype(str)
+    assert expected.is_unique and len(expected) > fault["batches_done"]
+    k = manifest["config"]["k"]
+    samples = pd.read_parquet(pairs_dir / "samples.parquet")
+    per_prompt = samples["example_id"].astype(str).value_counts()
+    lost = sorted(set(expected) - set(per_prompt.index))
+    duplicated = sorted(i for i, n in per_prompt.items() if n > k)
+    fault_summary(
+        capsys,
+        "Ray Data actor SIGKILL mid-pipeline (generator + judge pools)",
+        tried=len(killed),
+        survived=len(restarted),
+        rows_lost=len(lost),
+        duplicated=len(duplicated),
+        prompts=f"{manifest['metrics']['prompts']}/{len(expected)}",
+        generator_batches_done_at_kill=f"{fault['batches_done']}/{len(expected)}",
+        batches_retried=len(retried),
+    )
+    assert len(restarted) == len(killed) == 2, (killed, after)
+    assert not lost and not duplicated, (lost, duplicated)
+    assert set(per_prompt.index) == set(expected) and (per_prompt == k).all()
+    assert not samples.duplicated(["example_id", "sample"]).any()
+    assert manifest["metrics"]["prompts"] == len(expected)
+    assert not staging_leftovers(root)
+    assert_no_planted_tokens(root, output)
