@@ -13,6 +13,7 @@ Run alone, it evaluates the base and the SFT trials of the config's SFT stage (b
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from pathlib import Path
@@ -24,9 +25,17 @@ from ray_jobs import model as model_job
 from ray_jobs import sft as sft_job
 from ray_jobs.pairs import actor_options, artifact_ref
 from ray_jobs.session import cli, connect, parse_args, stage
+from vlm_posttrain import modeling
 from vlm_posttrain.config import EvalConfig, ExperimentConfig, ModelConfig
 from vlm_posttrain.data import decode_image, load_split
-from vlm_posttrain.evaluation import CriticScorer, Variant, VariantAnswerer, critic_scores, reference_scores
+from vlm_posttrain.evaluation import (
+    CriticScorer,
+    Variant,
+    VariantAnswerer,
+    critic_scores,
+    prepare_tasks,
+    reference_scores,
+)
 from vlm_posttrain.generation import Sampling
 from vlm_posttrain.store import RunStore, build_manifest, digest
 
@@ -48,6 +57,17 @@ class AnswerTests:
         # The critic needs the image again; keep its bytes beside the answer until scoring is done.
         images = batch.drop_duplicates("example_id").set_index("example_id")["image"]
         return rows.assign(image=rows["example_id"].map(images))
+
+
+@functools.cache
+def _processor(base_dir: str, trust_remote_code: bool):
+    # Once per worker process: Ray reuses a task's worker for the next batch.
+    return modeling.load_processor(base_dir, trust_remote_code)
+
+
+def prepare_batch(batch: pd.DataFrame, base_dir: str, trust_remote_code: bool) -> pd.DataFrame:
+    """Ray Data task: a batch of tasks with their images and prompts through the policy's processor."""
+    return prepare_tasks(_processor(base_dir, trust_remote_code), batch)
 
 
 class ScoreWithCritic:
@@ -103,6 +123,15 @@ def answer_dataset(cfg: ExperimentConfig, base_dir: str, data_dir: str, variants
     e = cfg.eval
     tasks = task_table(e, data_dir, variants)
     ds = ray.data.from_pandas(tasks).repartition(max(1, math.ceil(len(tasks) / e.batch_size))).materialize()
+    # Images decoded and prompts tokenized by Ray Data tasks on the other CPUs, ahead of the answering
+    # actor, whose process then only runs the model.
+    ds = ds.map_batches(
+        prepare_batch,
+        fn_kwargs={"base_dir": base_dir, "trust_remote_code": cfg.model.trust_remote_code},
+        batch_size=e.batch_size,
+        batch_format="pandas",
+        num_cpus=1,
+    )
     ds = ds.map_batches(
         AnswerTests,
         fn_constructor_kwargs={

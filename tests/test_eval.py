@@ -131,8 +131,8 @@ def test_a_mixed_batch_answers_as_each_variant_alone(tiny_model_dir, tiny_data_d
     tasks = tasks.sample(frac=1.0, random_state=0, ignore_index=True)  # variants interleaved in the batch
     sampling = Sampling(max_new_tokens=8)
     calls = []
-    generate = answerer.generator.generate
-    answerer.generator.generate = lambda *a, **kw: calls.append(len(a[1])) or generate(*a, **kw)
+    generate = answerer.generator.generate_encoded
+    answerer.generator.generate_encoded = lambda *a, **kw: calls.append(len(a[0])) or generate(*a, **kw)
     mixed = pd.DataFrame(answerer.answer_rows(tasks, sampling, samples=1, seed=0))
     assert calls == [len(tasks)]  # the whole batch in one generate call
     alone = pd.concat(
@@ -146,6 +146,34 @@ def test_a_mixed_batch_answers_as_each_variant_alone(tiny_model_dir, tiny_data_d
     assert mixed[key + ["answer", "answer_tokens"]].equals(alone[key + ["answer", "answer_tokens"]])
     answers = mixed.pivot(index="example_id", columns="variant", values="answer")
     assert (answers["a"] != answers["base"]).any() and (answers["b"] != answers["a"]).any()
+
+
+def test_prepared_prompts_generate_what_the_processor_batch_does(tiny_model_dir, tiny_data_dir):
+    """Rows through the processor one by one (a Ray Data task's work), padded by the actor, give the same
+    batch and the same answers as one padded processor call."""
+    from vlm_posttrain.config import ModelConfig
+    from vlm_posttrain.evaluation import ENCODED, prepare_tasks
+    from vlm_posttrain.generation import Generator, Sampling
+
+    gen = Generator.load(tiny_model_dir, ModelConfig(name=str(tiny_model_dir)))
+    rows = load_split(tiny_data_dir, "train").head(5)
+    tasks = rows.assign(system_prompt=["", "Be brief.", "", "", "Answer with one word."], variant="base")
+    prepared = prepare_tasks(gen.processor, tasks)
+    assert list(prepared.columns) == list(tasks.columns) + list(ENCODED)
+    images = [decode_image(b) for b in tasks["image"]]
+    texts = [
+        gen.prompt(list(c), p) for c, p in zip(tasks["conversations"], tasks["system_prompt"], strict=True)
+    ]
+    batch, collated = gen.encode(images, texts), gen.collate(prepared[list(ENCODED)].to_dict("records"))
+    assert batch["input_ids"].shape[1] > min(
+        len(i) for i in prepared["input_ids"]
+    )  # prompts of several lengths
+    for key in ("input_ids", "attention_mask", "pixel_values"):
+        assert torch.equal(batch[key], collated[key]), key
+    sampling = Sampling(max_new_tokens=8)
+    direct = gen.generate(images, texts, sampling=sampling)
+    encoded = gen.generate_encoded(prepared[list(ENCODED)].to_dict("records"), sampling=sampling)
+    assert direct.texts == encoded.texts and direct.tokens == encoded.tokens
 
 
 @pytest.mark.slow

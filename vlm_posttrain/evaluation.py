@@ -32,17 +32,36 @@ from peft import PeftModel
 from vlm_posttrain import modeling, prompts
 from vlm_posttrain.config import ModelConfig
 from vlm_posttrain.data import decode_image
-from vlm_posttrain.generation import Generator, Sampling, derive_seed
+from vlm_posttrain.generation import Generator, Sampling, derive_seed, encode_rows
 from vlm_posttrain.reference import score_reference
 
 # PEFT's name for "no adapter" in a mixed-adapter batch.
 BASE_ADAPTER = "__base__"
+# The processor outputs a prepared task carries (LLaVA-1.5: fixed-size images, so they stack).
+ENCODED = ("input_ids", "pixel_values")
 
 
 @dataclass(frozen=True)
 class Variant:
     name: str
     adapter: str | None = None
+
+
+def prepare_tasks(processor, tasks: pd.DataFrame) -> pd.DataFrame:
+    """The CPU half of answering: each task's image decoded and its prompt (with its system prompt) run through
+    the processor; adds the processor's arrays as columns (:data:`ENCODED`)."""
+    images = [decode_image(b) for b in tasks["image"]]
+    texts = [
+        prompts.generation_prompt(processor, list(c), p)
+        for c, p in zip(tasks["conversations"], tasks["system_prompt"], strict=True)
+    ]
+    encoded = pd.DataFrame(encode_rows(processor, images, texts), index=tasks.index)
+    unknown = set(encoded.columns) - set(ENCODED)
+    if unknown:
+        raise ValueError(
+            f"processor outputs {sorted(unknown)}: prepared answering supports LLaVA-1.5 processors"
+        )
+    return pd.concat([tasks, encoded], axis=1)
 
 
 class VariantAnswerer:
@@ -88,21 +107,20 @@ class VariantAnswerer:
         return [name or BASE_ADAPTER for name in names]
 
     def answer_rows(self, tasks: pd.DataFrame, sampling: Sampling, samples: int, seed: int) -> list[dict]:
-        """One output row per (task, sample); tasks need variant, system_prompt, example_id, image, conversations."""
+        """One output row per (task, sample); tasks need variant, system_prompt, example_id, image, conversations
+        and, when a Ray Data task prepared them (:func:`prepare_tasks`), ``input_ids`` and ``pixel_values``."""
+        if "input_ids" not in tasks:
+            tasks = prepare_tasks(self.generator.processor, tasks)
         conversations = [list(c) for c in tasks["conversations"]]
-        texts = [
-            self.generator.prompt(c, p) for c, p in zip(conversations, tasks["system_prompt"], strict=True)
-        ]
-        images = [decode_image(b) for b in tasks["image"]]
+        encoded = tasks[[c for c in tasks.columns if c in ENCODED]].to_dict("records")
         seeds = [derive_seed(seed, example_id) for example_id in tasks["example_id"]]
         variants = list(tasks["variant"])
         single = len(set(variants)) == 1
         # A batch of one variant runs with its adapter alone active: PEFT's per-row routing gathers and
         # scatters rows in every LoRA layer at every step, which costs about a third of a tiny model's time.
         with self.active(variants[0]) if single else nullcontext():
-            out = self.generator.generate(
-                images,
-                texts,
+            out = self.generator.generate_encoded(
+                encoded,
                 k=samples,
                 sampling=sampling,
                 seeds=seeds,

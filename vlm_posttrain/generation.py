@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, TopPLogitsWarper
 
@@ -132,6 +133,38 @@ def eos_ids(model, tokenizer) -> list[int]:
     return ids or [tokenizer.eos_token_id]
 
 
+def encode_rows(processor, images: Sequence, texts: Sequence[str]) -> list[dict]:
+    """Each (image, prompt) through the processor on its own, unpadded, as numpy arrays (``input_ids`` with
+    the image tokens expanded, ``pixel_values``, ...): CPU work a Ray Data task does ahead of the model's actor.
+    """
+    if len(images) != len(texts):
+        raise ValueError(f"{len(images)} images for {len(texts)} prompts; give one image per prompt")
+    rows = []
+    for image, text in zip(images, texts, strict=True):
+        # The template writes every token itself: no BOS added, exactly as TRL tokenizes in SFT and DPO.
+        out = processor(text=[text], images=[image], return_tensors="np", add_special_tokens=False)
+        rows.append({key: value[0] for key, value in out.items() if key != "attention_mask"})
+    return rows
+
+
+def collate(tokenizer, rows: Sequence[dict]) -> dict:
+    """Rows of :func:`encode_rows` as one batch: ``input_ids`` left-padded by the tokenizer (its padding side
+    is set at load), every other array stacked."""
+    ids = [np.asarray(r["input_ids"]).tolist() for r in rows]
+    batch = dict(tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt"))
+    for key in rows[0]:
+        if key == "input_ids":
+            continue
+        arrays = [np.asarray(r[key]) for r in rows]
+        if len({a.shape for a in arrays}) > 1:
+            raise ValueError(
+                f"processor output '{key}' differs in shape across prompts ({sorted({a.shape for a in arrays})}); "
+                "prepared batches need a processor with one image size (LLaVA-1.5's); use Generator.generate"
+            )
+        batch[key] = torch.from_numpy(np.stack(arrays))
+    return batch
+
+
 class Generator:
     """A loaded policy that answers batches of (image, prompt) with k samples each."""
 
@@ -159,6 +192,10 @@ class Generator:
         )
         return to_device(dict(inputs), self.device, self.dtype)
 
+    def collate(self, rows: Sequence[dict]) -> dict:
+        """Rows from :func:`encode_rows` as one left-padded batch on the model's device."""
+        return to_device(collate(self.tokenizer, rows), self.device, self.dtype)
+
     def generate(
         self,
         images: Sequence,
@@ -175,14 +212,31 @@ class Generator:
         """
         if len(images) != len(texts):
             raise ValueError(f"{len(images)} images for {len(texts)} prompts; give one image per prompt")
-        if adapter_names is not None and len(adapter_names) != len(texts):
-            raise ValueError(
-                f"{len(adapter_names)} adapter names for {len(texts)} prompts; give one per prompt"
-            )
-        seeds = list(seeds) if seeds is not None else [0] * len(texts)
-        sample_seeds = [[derive_seed(seed, j) for j in range(k)] for seed in seeds]
         start = time.perf_counter()
-        inputs = repeat_rows(self.encode(images, texts), k)
+        inputs = self.encode(images, texts)
+        return self._generate(inputs, k, sampling, seeds, adapter_names, start)
+
+    def generate_encoded(
+        self,
+        rows: Sequence[dict],
+        k: int = 1,
+        sampling: Sampling = Sampling(),
+        seeds: Sequence[int] | None = None,
+        adapter_names: Sequence[str] | None = None,
+    ) -> Completions:
+        """:meth:`generate` on prompts already through the processor (:func:`encode_rows`, one per prompt)."""
+        start = time.perf_counter()
+        return self._generate(self.collate(rows), k, sampling, seeds, adapter_names, start)
+
+    def _generate(
+        self, inputs: dict, k, sampling: Sampling, seeds, adapter_names, start: float
+    ) -> Completions:
+        n = int(inputs["input_ids"].shape[0])
+        if adapter_names is not None and len(adapter_names) != n:
+            raise ValueError(f"{len(adapter_names)} adapter names for {n} prompts; give one per prompt")
+        seeds = list(seeds) if seeds is not None else [0] * n
+        sample_seeds = [[derive_seed(seed, j) for j in range(k)] for seed in seeds]
+        inputs = repeat_rows(inputs, k)
         config = GenerationConfig(
             max_new_tokens=sampling.max_new_tokens,
             do_sample=False,
@@ -205,11 +259,11 @@ class Generator:
         seconds = time.perf_counter() - start
         texts_out, lengths = self._decode(new)
         return Completions(
-            texts=[texts_out[i * k : (i + 1) * k] for i in range(len(texts))],
-            tokens=[lengths[i * k : (i + 1) * k] for i in range(len(texts))],
+            texts=[texts_out[i * k : (i + 1) * k] for i in range(n)],
+            tokens=[lengths[i * k : (i + 1) * k] for i in range(n)],
             seeds=sample_seeds,
             seconds=seconds,
-            meta={"prompt_tokens": int(inputs["input_ids"].shape[1]), "batch": len(texts) * k},
+            meta={"prompt_tokens": int(inputs["input_ids"].shape[1]), "batch": n * k},
         )
 
     def _decode(self, new: torch.Tensor) -> tuple[list[str], list[int]]:
