@@ -64,24 +64,12 @@ def build_parser():
 
 def random_adapters(model_dir: Path, folder: Path, n: int) -> list[Path]:
     """n LoRA adapters with random B (so each variant answers differently), saved in PEFT's format."""
-    import torch
-    from peft import get_peft_model
+    from vlm_posttrain.tiny import build_tiny_adapter
 
-    from vlm_posttrain import modeling
-    from vlm_posttrain.config import LORA_LANGUAGE_TARGET, ModelConfig
-
-    paths = []
-    for i in range(n):
-        torch.manual_seed(i)
-        base = modeling.load_base(str(model_dir), ModelConfig(name=str(model_dir)))
-        peft = get_peft_model(base, modeling.lora_config(8, 16, 0.0, LORA_LANGUAGE_TARGET, False))
-        with torch.no_grad():
-            for name, p in peft.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0, 0.05)
-        peft.save_pretrained(folder / f"adapter{i}")
-        paths.append(folder / f"adapter{i}")
-    return paths
+    return [
+        build_tiny_adapter(model_dir, folder / f"adapter{i}", r=8, alpha=16, seed=i, std=0.05)
+        for i in range(n)
+    ]
 
 
 def setup(args, folder: Path):

@@ -19,23 +19,14 @@ from vlm_posttrain import dpo, modeling, prompts
 from vlm_posttrain.config import DpoConfig, ModelConfig
 from vlm_posttrain.data import DataError, load_split
 from vlm_posttrain.sft import to_sft_dataset
+from vlm_posttrain.tiny import build_tiny_adapter
 
 IMAGE_TOKENS = 16  # the tiny LLaVA: (32 px / patch 8)^2
 
 
 def _start_adapter(model_dir, out, seed=1):
     """A LoRA adapter with non-zero B (a stand-in for the soup): its policy differs from the base."""
-    base = modeling.load_base(str(model_dir), ModelConfig(name=str(model_dir)))
-    model = modeling.attach_lora(
-        base, modeling.lora_config(4, 8, 0.0, ModelConfig("x").lora_target, False), seed
-    )
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.2)
-    model.save_pretrained(str(out))
-    return out
+    return build_tiny_adapter(model_dir, out, seed=seed)
 
 
 def _pairs_frame(data_dir, n=8, strings=False):

@@ -67,19 +67,12 @@ def test_expected_mode_on_a_tiny_onevision_critic_is_always_in_range(tmp_path, t
 
 
 def test_variants_switch_adapters_without_reloading(tiny_model_dir, tiny_data_dir, tmp_path):
-    from peft import get_peft_model
-
     from vlm_posttrain import modeling
-    from vlm_posttrain.config import LORA_LANGUAGE_TARGET, ModelConfig
+    from vlm_posttrain.config import ModelConfig
     from vlm_posttrain.evaluation import Variant, VariantAnswerer
+    from vlm_posttrain.tiny import build_tiny_adapter
 
-    base = modeling.load_base(str(tiny_model_dir), ModelConfig(name=str(tiny_model_dir)))
-    peft = get_peft_model(base, modeling.lora_config(4, 8, 0.0, LORA_LANGUAGE_TARGET, False))
-    with torch.no_grad():
-        for name, p in peft.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
-    peft.save_pretrained(tmp_path / "adapter")
+    build_tiny_adapter(tiny_model_dir, tmp_path / "adapter", std=0.5)
     answerer = VariantAnswerer(
         tiny_model_dir,
         ModelConfig(name=str(tiny_model_dir)),
@@ -105,25 +98,14 @@ def test_variants_switch_adapters_without_reloading(tiny_model_dir, tiny_data_di
 
 def test_a_mixed_batch_answers_as_each_variant_alone(tiny_model_dir, tiny_data_dir, tmp_path):
     """One generate call over rows of several variants gives each row its own variant's greedy answer."""
-    from peft import get_peft_model
-
-    from vlm_posttrain import modeling
-    from vlm_posttrain.config import LORA_LANGUAGE_TARGET, ModelConfig
+    from vlm_posttrain.config import ModelConfig
     from vlm_posttrain.evaluation import Variant, VariantAnswerer
     from vlm_posttrain.generation import Sampling
+    from vlm_posttrain.tiny import build_tiny_adapter
 
     cfg = ModelConfig(name=str(tiny_model_dir))
     for seed, name in ((1, "a"), (2, "b")):
-        torch.manual_seed(seed)
-        peft = get_peft_model(
-            modeling.load_base(str(tiny_model_dir), cfg),
-            modeling.lora_config(4, 8, 0.0, LORA_LANGUAGE_TARGET, False),
-        )
-        with torch.no_grad():
-            for param_name, p in peft.named_parameters():
-                if "lora_B" in param_name:
-                    p.normal_(0, 0.5)
-        peft.save_pretrained(tmp_path / name)
+        build_tiny_adapter(tiny_model_dir, tmp_path / name, seed=seed, std=0.5)
     variants = [Variant("base"), Variant("a", str(tmp_path / "a")), Variant("b", str(tmp_path / "b"))]
     answerer = VariantAnswerer(tiny_model_dir, cfg, variants)
     test = load_split(tiny_data_dir, "train").head(3)

@@ -231,3 +231,25 @@ def build_tiny_critic(out_dir: str | Path, seed: int = 0) -> Path:
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     return Path(out_dir)
+
+
+def build_tiny_adapter(
+    model_dir: str | Path, out_dir: str | Path, r: int = 4, alpha: int = 8, seed: int = 0, std: float = 0.2
+) -> Path:
+    """A LoRA adapter (PEFT format) on a tiny model folder with random A and B drawn from ``seed``.
+
+    PEFT starts B at zero, which changes nothing; a random B makes a model variant that answers differently,
+    the stand-in for a trained adapter in tests and benchmarks.
+    """
+    from vlm_posttrain import modeling
+    from vlm_posttrain.config import LORA_LANGUAGE_TARGET, ModelConfig
+
+    base = modeling.load_base(str(model_dir), ModelConfig(name=str(model_dir)))
+    model = modeling.attach_lora(base, modeling.lora_config(r, alpha, 0.0, LORA_LANGUAGE_TARGET, False), seed)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(std * torch.randn(param.shape, generator=gen))
+    model.save_pretrained(str(out_dir))
+    return Path(out_dir)
