@@ -126,18 +126,3 @@ def test_a_run_writes_only_under_its_run_root(tmp_path):
         if p.is_file() and not str(p.relative_to(tmp_path)).startswith(ALLOWED_OUTSIDE)
     ]
     assert not outside, f"written outside the run root: {outside}"
-
-
-def test_a_local_ray_started_by_a_test_targets_loopback_only():
-    """conftest pins Ray to 127.0.0.1 (FIELD_NOTES: tests may target loopback addresses only)."""
-    import ray
-
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
-    try:
-        nodes = ray.nodes()
-        worker_ip = ray.get(ray.remote(lambda: ray.util.get_node_ip_address()).remote())
-        gcs = ray.get_runtime_context().gcs_address
-    finally:
-        ray.shutdown()
-    assert {n["NodeManagerAddress"] for n in nodes} == {"127.0.0.1"}
-    assert worker_ip == "127.0.0.1" and gcs.startswith("127.0.0.1:")

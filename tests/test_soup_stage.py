@@ -319,8 +319,12 @@ def test_driver_runs_the_soup_as_a_ray_task(adapters, tiny_model_dir, tiny_data_
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
         path = soup_job.run(cfg, store, str(tiny_model_dir), str(tiny_data_dir), str(sft_dir))
+        addresses = {n["NodeManagerAddress"] for n in ray.nodes()}
+        gcs = ray.get_runtime_context().gcs_address
     finally:
         ray.shutdown()
+    # tests/conftest.py pins every Ray a test starts to loopback (without it: the machine's address).
+    assert addresses == {"127.0.0.1"} and gcs.startswith("127.0.0.1:"), (addresses, gcs)
 
     manifest = json.loads((Path(path) / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["selection"]["rank"] == 4
