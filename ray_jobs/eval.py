@@ -17,27 +17,23 @@ import functools
 import math
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
+
+if TYPE_CHECKING:
+    from vlm_posttrain.evaluation import Variant
 
 from ray_jobs import data as data_job
 from ray_jobs import model as model_job
 from ray_jobs import sft as sft_job
 from ray_jobs.pairs import actor_options, artifact_ref
 from ray_jobs.session import cli, connect, parse_args, stage
-from vlm_posttrain import modeling
 from vlm_posttrain.config import EvalConfig, ExperimentConfig, ModelConfig
-from vlm_posttrain.data import decode_image, load_split
-from vlm_posttrain.evaluation import (
-    CriticScorer,
-    Variant,
-    VariantAnswerer,
-    critic_scores,
-    prepare_tasks,
-    reference_scores,
-)
-from vlm_posttrain.generation import Sampling
+from vlm_posttrain.data import load_split
 from vlm_posttrain.store import RunStore, build_manifest, digest
+
+# torch, transformers and peft are imported where a stage runs, not here: `--help` answers at once.
 
 TABLE = "evaluation.parquet"
 
@@ -48,6 +44,9 @@ class AnswerTests:
     def __init__(
         self, base_dir: str, model_cfg: ModelConfig, variants: list[Variant], cfg: EvalConfig, seed: int
     ):
+        from vlm_posttrain.evaluation import VariantAnswerer
+        from vlm_posttrain.generation import Sampling
+
         self.answerer = VariantAnswerer(base_dir, model_cfg, variants)
         self.sampling = Sampling(cfg.temperature, cfg.top_p, cfg.max_new_tokens)
         self.samples, self.seed = cfg.samples, seed
@@ -62,11 +61,15 @@ class AnswerTests:
 @functools.cache
 def _processor(base_dir: str, trust_remote_code: bool):
     # Once per worker process: Ray reuses a task's worker for the next batch.
+    from vlm_posttrain import modeling
+
     return modeling.load_processor(base_dir, trust_remote_code)
 
 
 def prepare_batch(batch: pd.DataFrame, base_dir: str, trust_remote_code: bool) -> pd.DataFrame:
     """Ray Data task: a batch of tasks with their images and prompts through the policy's processor."""
+    from vlm_posttrain.evaluation import prepare_tasks
+
     return prepare_tasks(_processor(base_dir, trust_remote_code), batch)
 
 
@@ -74,9 +77,14 @@ class ScoreWithCritic:
     """Ray Data actor: the critic VLM, loaded once, scores each batch of answers."""
 
     def __init__(self, cfg: EvalConfig):
+        from vlm_posttrain.evaluation import CriticScorer
+
         self.scorer = CriticScorer.load(cfg.critic_model, cfg.critic_mode, cfg.critic_max_new_tokens)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        from vlm_posttrain.data import decode_image
+        from vlm_posttrain.evaluation import critic_scores
+
         return critic_scores(self.scorer, batch, [decode_image(b) for b in batch["image"]])
 
 
@@ -84,6 +92,8 @@ def variants_of(
     cfg: ExperimentConfig, sft_dir: str | None, soup_dir: str | None, dpo_dirs=()
 ) -> list[Variant]:
     """The variants the config asks for, from the artifacts the pipeline built."""
+    from vlm_posttrain.evaluation import Variant
+
     kinds = set(cfg.eval.variants)
     variants = [Variant("base")] if "base" in kinds else []
     if "sft" in kinds and sft_dir:
@@ -144,6 +154,8 @@ def answer_dataset(cfg: ExperimentConfig, base_dir: str, data_dir: str, variants
         **actor_options(e),
     )
     if "reference" in e.judges:
+        from vlm_posttrain.evaluation import reference_scores
+
         ds = ds.map_batches(reference_scores, batch_format="pandas")
     if "critic" in e.judges:
         ds = ds.map_batches(ScoreWithCritic, fn_constructor_kwargs={"cfg": e}, **actor_options(e))

@@ -28,8 +28,9 @@ from ray_jobs import model as model_job
 from ray_jobs import sft as sft_job
 from ray_jobs.session import cli, connect, parse_args, stage
 from vlm_posttrain.config import ExperimentConfig, ModelConfig, PairsConfig
-from vlm_posttrain.pairs import DIAGNOSTICS, generate_samples, judge_samples, write_outputs
 from vlm_posttrain.store import MANIFEST, RunStore, build_manifest, digest
+
+# torch, transformers and peft are imported where a stage runs, not here: `--help` answers at once.
 
 
 class GenerateAnswers:
@@ -37,12 +38,14 @@ class GenerateAnswers:
 
     def __init__(self, base_dir: str, model_cfg: ModelConfig, adapter_dir: str, cfg: PairsConfig, seed: int):
         from vlm_posttrain.generation import Generator
+        from vlm_posttrain.pairs import generate_samples
 
         self.generator = Generator.load(base_dir, model_cfg, adapter_dir)
+        self.generate_samples = generate_samples
         self.cfg, self.seed = cfg, seed
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        return generate_samples(self.generator, batch, self.cfg, self.seed)
+        return self.generate_samples(self.generator, batch, self.cfg, self.seed)
 
 
 class JudgeAnswers:
@@ -50,11 +53,13 @@ class JudgeAnswers:
 
     def __init__(self, base_dir: str, model_cfg: ModelConfig, adapter_dir: str, cfg: PairsConfig):
         from vlm_posttrain.judges import build_judge
+        from vlm_posttrain.pairs import judge_samples
 
         self.judge = build_judge(cfg, base_dir, model_cfg, adapter_dir)
+        self.judge_samples = judge_samples
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        return judge_samples(self.judge, batch)
+        return self.judge_samples(self.judge, batch)
 
 
 def artifact_ref(store: RunStore, path: str) -> str:
@@ -138,6 +143,8 @@ def run(cfg: ExperimentConfig, store: RunStore, base_dir: str, data_dir: str, po
     key = pairs_key(cfg, store, base_dir, data_dir, policy_adapter_dir)
 
     def build() -> None:
+        from vlm_posttrain.pairs import write_outputs
+
         connect()
         start = time.time()
         judged = judge_with_ray(cfg, base_dir, data_dir, policy_adapter_dir)
@@ -156,6 +163,8 @@ def run(cfg: ExperimentConfig, store: RunStore, base_dir: str, data_dir: str, po
         store.publish(staging, "pairs", key, manifest)
         if metrics["pairs"] == 0:
             print("[pairs] WARNING: no prompt kept a pair (every best sample tied its worst)")
+
+    from vlm_posttrain.pairs import DIAGNOSTICS
 
     path = stage("pairs", key, store, build)
     local = Path(store.local_path("pairs", key))

@@ -1,4 +1,4 @@
-"""Project layout rules: the core package never imports Ray; every driver has --help."""
+"""Project layout rules: the core package never imports Ray; every driver has a --help that answers at once."""
 
 import subprocess
 import sys
@@ -17,6 +17,17 @@ def test_core_package_does_not_import_ray():
         + "".join(f"import vlm_posttrain.{m}\n" for m in CORE_MODULES)
         + "bad = sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.'))\n"
         + "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_drivers_import_no_model_library():
+    """`--help` (and a driver's import) stays fast: torch, transformers, peft, trl and ray load where a stage runs."""
+    code = (
+        "import sys\n"
+        + "".join(f"import ray_jobs.{d}\n" for d in DRIVERS)
+        + "heavy = sorted(m for m in ('torch', 'transformers', 'peft', 'trl', 'ray') if m in sys.modules)\n"
+        + "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 
