@@ -2,9 +2,9 @@
 
 A variant is the base model or the base plus one adapter (an SFT trial, a soup, a DPO round). The base is
 loaded once and each adapter is attached as a named PEFT adapter; each row of a batch is routed through its
-variant's adapter, so a pool of actors answers for all variants without reloading 7B weights, at full batch. Decoding is greedy by default; with ``samples > 1``
-each example's samples are seeded from (run seed, example id), the same seeds for every variant, so paired
-comparisons share their randomness.
+variant's adapter, so a pool of actors answers for all variants at full batch without reloading 7B weights.
+Decoding is greedy by default; with ``samples > 1`` each example's samples are seeded from (run seed, example
+id), the same seeds for every variant, so paired comparisons share their randomness.
 
 Judges fill ``<judge>/score`` (0-100, NaN where unparsed, never 0) and ``<judge>/raw``:
 - ``reference``: :func:`vlm_posttrain.reference.score_reference` against the test answer.
@@ -112,12 +112,12 @@ class VariantAnswerer:
         if "input_ids" not in tasks:
             tasks = prepare_tasks(self.generator.processor, tasks)
         conversations = [list(c) for c in tasks["conversations"]]
-        encoded = tasks[[c for c in tasks.columns if c in ENCODED]].to_dict("records")
+        encoded = tasks[list(ENCODED)].to_dict("records")
         seeds = [derive_seed(seed, example_id) for example_id in tasks["example_id"]]
         variants = list(tasks["variant"])
         single = len(set(variants)) == 1
         # A batch of one variant runs with its adapter alone active: PEFT's per-row routing gathers and
-        # scatters rows in every LoRA layer at every step, which costs about a third of a tiny model's time.
+        # scatters rows in every LoRA layer at every step (tiny model, batch 64: 16.7 vs 10 ms a step).
         with self.active(variants[0]) if single else nullcontext():
             out = self.generator.generate_encoded(
                 encoded,
