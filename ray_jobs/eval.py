@@ -142,6 +142,10 @@ def answer_dataset(cfg: ExperimentConfig, base_dir: str, data_dir: str, variants
         batch_format="pandas",
         num_cpus=1,
     )
+    if e.actors * e.num_cpus >= ray.cluster_resources().get("CPU", 0):
+        # A pool holding every CPU could starve the prepare tasks feeding it (a read task upstream of the
+        # pairs pools did hang so): prepare every batch first, with no overlap.
+        ds = ds.materialize()
     ds = ds.map_batches(
         AnswerTests,
         fn_constructor_kwargs={
