@@ -75,3 +75,36 @@ def tiny_config(tmp_path):
         return load_config(path)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def llama2_gguf(shared_data) -> Path:
+    """The real Llama-2 SentencePiece vocabulary (LLaVA-1.5-7B's tokenizer) in ../shared/data/tokenizers."""
+    path = shared_data / "tokenizers" / "llama2-spm.gguf"
+    if not path.is_file():
+        pytest.skip(f"{path} not found: the real-tokenizer tests need the shared tokenizers folder")
+    return path
+
+
+@pytest.fixture(scope="session", params=["legacy", "metaspace"])
+def llava15_dir(request, llama2_gguf, tmp_path_factory) -> Path:
+    """A LLaVA-1.5-shaped model with the real processor, under each pipeline that gives the documented ids."""
+    from vlm_posttrain.llava15 import build_llava15
+
+    return build_llava15(
+        tmp_path_factory.mktemp(f"llava15-{request.param}") / "model", llama2_gguf, request.param
+    )
+
+
+@pytest.fixture(scope="session")
+def lrv_data_dir(shared_data, tmp_path_factory) -> Path:
+    """train/val/test parquet of the first LRV-Chart rows from ../shared/data, as the data stage writes them."""
+    from vlm_posttrain.config import DataConfig
+    from vlm_posttrain.data import build_splits
+
+    source = shared_data / "lrv_chart_train"
+    out = tmp_path_factory.mktemp("lrv") / "data"
+    build_splits(
+        DataConfig(source="jsonl", path=str(source), limit=40, val_fraction=0.2, test_fraction=0.2), 0, out
+    )
+    return out

@@ -11,7 +11,6 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 from trl.data_utils import apply_chat_template
-from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
 from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 from trl.trainer.utils import use_adapter
 
@@ -81,7 +80,7 @@ def processor(tiny_model_dir):
 
 def test_pairs_parquet_loads_into_trl_collator_with_every_image_token(setup, processor):
     ds = dpo.to_dpo_dataset(dpo.load_pairs(setup["pairs"].parent), processor, 512)
-    batch = DataCollatorForVisionPreference(processor)([ds[0], ds[1], ds[2]])
+    batch = dpo.PreferenceCollator(processor)([ds[0], ds[1], ds[2]])
     image_id = processor.tokenizer.convert_tokens_to_ids(prompts.IMAGE_TOKEN)
     assert batch["pixel_values"].shape[0] == 6  # one image per chosen row and per rejected row
     is_image = batch["input_ids"] == image_id
@@ -103,7 +102,7 @@ def test_string_contents_of_the_pairs_stage_collate_like_list_contents(
     setup, processor, tiny_data_dir, tmp_path
 ):
     _pairs_frame(tiny_data_dir, n=3, strings=True).to_parquet(tmp_path / "pairs.parquet", index=False)
-    collate = DataCollatorForVisionPreference(processor)
+    collate = dpo.PreferenceCollator(processor)
     a = collate(list(dpo.to_dpo_dataset(dpo.load_pairs(tmp_path), processor, 512)))
     b = collate(list(dpo.to_dpo_dataset(dpo.load_pairs(setup["pairs"]).head(3), processor, 512)))
     assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(
@@ -121,7 +120,7 @@ def test_dpo_text_and_tokens_are_the_sft_bytes(setup, processor, tiny_data_dir):
     assert (trl_text["prompt"] + trl_text["chosen"]).encode() == sft_text.encode()
     assert trl_text["prompt"] == prompts.render(processor, messages[:-1], add_generation_prompt=True)
     # Same token ids too: the DPO chosen row is the SFT example.
-    dpo_batch = DataCollatorForVisionPreference(processor)([pair])
+    dpo_batch = dpo.PreferenceCollator(processor)([pair])
     sft_ds, _ = to_sft_dataset(load_split(tiny_data_dir, "train").head(1), processor, 512, "fail")
     sft_batch = DataCollatorForVisionLanguageModeling(processor)([sft_ds[0]])
     assert (
@@ -163,7 +162,7 @@ def test_reference_is_the_start_policy_and_first_loss_is_ln2(setup, processor, t
     model_cfg = ModelConfig(name=str(tiny_model_dir))
     train = dpo.to_dpo_dataset(dpo.load_pairs(setup["pairs"]), processor, 512)
     trainer = dpo.build_trainer(cfg, model_cfg, tiny_model_dir, setup["start"], train, processor, tmp_path, 0)
-    batch = DataCollatorForVisionPreference(processor)([train[i] for i in range(4)])
+    batch = dpo.PreferenceCollator(processor)([train[i] for i in range(4)])
     model = trainer.model.eval()
     policy = _logits(model, batch)
     with use_adapter(model, dpo.REFERENCE):
@@ -229,7 +228,7 @@ def test_train_dpo_writes_the_whole_policy_loadable_alone(setup, tiny_model_dir,
     # Loaded alone on a fresh base, the adapter is the trained policy: not the base, not the start.
     processor = modeling.load_processor(str(tiny_model_dir))
     train = dpo.to_dpo_dataset(dpo.load_pairs(setup["pairs"]), processor, 512)
-    batch = DataCollatorForVisionPreference(processor)([train[i] for i in range(2)])
+    batch = dpo.PreferenceCollator(processor)([train[i] for i in range(2)])
     loaded = PeftModel.from_pretrained(modeling.load_base(str(tiny_model_dir), model_cfg), str(folder)).eval()
     assert list(loaded.peft_config) == ["default"]
     policy = _logits(loaded, batch)

@@ -1,7 +1,9 @@
 """The trial memory estimate and GPU sharing: the formula's shape, its 7B numbers, a check against what the
 tiny model really allocates on CPU, and ``gpus_per_trial: auto`` / refusal before any trial starts."""
 
+import copy
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,28 +22,134 @@ from vlm_posttrain.memory import (
 REPO = Path(__file__).resolve().parents[1]
 
 
+# Source: llava-hf/llava-1.5-7b-hf and llava-hf/llava-1.5-13b-hf, config.json, with the transformers defaults
+# those files rely on (the Llama sizes, CLIP's quick_gelu) written out, so a change of defaults cannot move them.
+_CLIP_VIT_L_336 = {
+    "model_type": "clip_vision_model",
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "image_size": 336,
+    "patch_size": 14,
+    "projection_dim": 768,
+    "hidden_act": "quick_gelu",
+}
+_LLAVA_15 = {
+    "model_type": "llava",
+    "image_token_index": 32000,
+    "pad_token_id": 32001,
+    "projector_hidden_act": "gelu",
+    "vision_feature_layer": -2,
+    "vision_feature_select_strategy": "default",
+    "image_seq_length": 576,
+    "tie_word_embeddings": False,
+}
+_VICUNA = {"model_type": "llama", "vocab_size": 32064, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5}
+LLAVA_15_CONFIGS = {
+    "7b": {
+        **_LLAVA_15,
+        "vision_config": _CLIP_VIT_L_336,
+        "text_config": {
+            **_VICUNA,
+            "hidden_size": 4096,
+            "intermediate_size": 11008,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 32,
+        },
+    },
+    "13b": {
+        **_LLAVA_15,
+        "vision_config": _CLIP_VIT_L_336,
+        "text_config": {
+            **_VICUNA,
+            "hidden_size": 5120,
+            "intermediate_size": 13824,
+            "num_hidden_layers": 40,
+            "num_attention_heads": 40,
+            "num_key_value_heads": 40,
+        },
+    },
+}
+
+
+def _llava_config(size: str):
+    from transformers import LlavaConfig
+
+    data = copy.deepcopy(LLAVA_15_CONFIGS[size])
+    data.pop("model_type")
+    return LlavaConfig(**data)
+
+
 @pytest.fixture(scope="module")
 def llava7b():
-    """LLaVA-1.5-7B's shape (CLIP ViT-L/14-336 + Llama-7B, vocab 32064), config only."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+    """LLaVA-1.5-7B's config as published (CLIP ViT-L/14-336 + Vicuna-7B, vocab 32064), config only."""
+    return _llava_config("7b")
 
-    vision = CLIPVisionConfig(
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        image_size=336,
-        patch_size=14,
-        projection_dim=768,
-    )
-    text = LlamaConfig(
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        vocab_size=32064,
-    )
-    return LlavaConfig(vision_config=vision, text_config=text, image_token_index=32000)
+
+@pytest.fixture(scope="module", params=["7b", "13b"])
+def llava_on_meta(request):
+    """A published LLaVA-1.5 config and the model it builds on the meta device: every shape, no storage."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    config = _llava_config(request.param)
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+    return config, model
+
+
+def _real_param_counts(model) -> dict[str, int]:
+    """The meta model's parameters split the way ``param_counts`` splits them."""
+    linear = re.compile(r"model\.language_model\.layers\.\d+\.(self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj\.")
+    counts = dict.fromkeys(("language_linear", "language_other", "vision", "projector"), 0)
+    for name, param in model.named_parameters():
+        if linear.match(name):
+            part = "language_linear"
+        elif name.startswith(("model.language_model.", "lm_head.")):
+            part = "language_other"
+        elif name.startswith("model.vision_tower."):
+            part = "vision"
+        elif name.startswith("model.multi_modal_projector."):
+            part = "projector"
+        else:
+            raise AssertionError(f"parameter {name} belongs to no part")
+        counts[part] += param.numel()
+    return counts
+
+
+def test_meta_model_holds_no_memory(llava_on_meta):
+    config, model = llava_on_meta
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    # vision_feature_layer -2 reads the second-to-last layer, but the model still holds all 24 CLIP
+    # layers and the post-LayerNorm (unused in forward): the estimate counts what is loaded.
+    assert config.vision_feature_layer == -2
+    assert len(model.model.vision_tower.encoder.layers) == config.vision_config.num_hidden_layers == 24
+    assert model.model.vision_tower.post_layernorm is not None
+
+
+def test_param_counts_match_the_meta_model(llava_on_meta):
+    config, model = llava_on_meta
+    estimated = param_counts(model_shape(config))
+    real = _real_param_counts(model)
+    assert set(estimated) == set(real)
+    estimated["total"], real["total"] = sum(estimated.values()), sum(real.values())
+    assert real["total"] == sum(p.numel() for p in model.parameters())
+    errors = {part: abs(estimated[part] - real[part]) / real[part] for part in real}
+    assert max(errors.values()) < 0.005, (errors, estimated, real)
+
+
+def test_linear_dims_match_the_meta_model(llava_on_meta):
+    config, model = llava_on_meta
+    shape = model_shape(config)
+    layer = model.model.language_model.layers[0]
+    for name, dims in shape.linear_dims().items():
+        parent = layer.mlp if name in ("gate_proj", "up_proj", "down_proj") else layer.self_attn
+        proj = getattr(parent, name)
+        assert (proj.in_features, proj.out_features) == dims, name
+    assert shape.image_tokens == 576 == config.image_seq_length
+    assert shape.layers == len(model.model.language_model.layers)
 
 
 def _qlora(config, **kw):

@@ -9,10 +9,9 @@ import datasets
 import pandas as pd
 import pytest
 import torch
-from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
 from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
-from vlm_posttrain import prompts
+from vlm_posttrain import dpo, prompts
 from vlm_posttrain.config import ConfigError, ModelConfig, PairsConfig
 from vlm_posttrain.data import decode_image, load_split
 from vlm_posttrain.generation import Generator, Sampling, SeededGumbelSampler
@@ -81,7 +80,7 @@ def test_generation_prompt_is_the_sft_rendering_up_to_the_answer(policy, train):
 
 def test_preference_prompt_renders_as_the_generation_prompt(policy, train):
     conversations = list(train.iloc[0].conversations)
-    collator = DataCollatorForVisionPreference(policy.processor)
+    collator = dpo.PreferenceCollator(policy.processor)
     image = decode_image(train.iloc[0].image)
     example = {
         "images": [image],
@@ -374,7 +373,7 @@ def test_run_on_the_tiny_model_writes_pairs_for_dpo_and_sft(policy, train, tiny_
     row = ds[0]
     assert row["chosen_score"] > row["rejected_score"]
     assert len(row["chosen"][0]["content"]) <= len(row["rejected"][0]["content"])
-    batch = DataCollatorForVisionPreference(policy.processor)([dict(ds[i]) for i in range(len(ds))])
+    batch = dpo.PreferenceCollator(policy.processor)([dict(ds[i]) for i in range(len(ds))])
     assert batch["input_ids"].shape[0] == 2 * len(ds) and "pixel_values" in batch
     chosen_ids = batch["input_ids"][0][batch["completion_mask"][0] == 1]
     assert policy.tokenizer.decode(chosen_ids) == prompts.completion_text(

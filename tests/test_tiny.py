@@ -21,7 +21,7 @@ def test_builds_saves_and_reloads(tiny_model_dir):
     text = prompts.render(
         processor, prompts.to_messages([{"from": "human", "value": "<image>\nWhat?"}]), True
     )
-    assert text == "USER: <image>\nWhat? ASSISTANT:"
+    assert text == "<s>USER: <image>\nWhat? ASSISTANT:"
     batch = processor(text=[text], images=[Image.new("RGB", (50, 40), "white")], return_tensors="pt")
     image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
     assert int((batch["input_ids"] == image_id).sum()) == IMAGE_SEQ_LENGTH

@@ -8,7 +8,8 @@ the loss at zero margin (ln 2 for ``sigmoid``); a run whose first loss is not st
 Pairs come in the preference-row layout (``images``, ``prompt``, ``chosen``, ``rejected`` in TRL's
 conversational vision format) and are rendered by TRL's vision collator through the processor's chat
 template, which ``modeling.load_processor`` sets to this project's LLaVA-1.5 template: the same bytes as
-SFT and evaluation. A pair whose prompt (image tokens included) plus longer answer exceeds
+SFT and evaluation. :class:`PreferenceCollator` tokenizes each answer after its prompt, so the tokens DPO
+trains are the ones SFT supervises and generation emits. A pair whose prompt (image tokens included) plus longer answer exceeds
 ``dpo.max_length`` is an error, never truncated.
 
 The saved adapter (``<out_dir>/policy/adapter``) is the trained ``default`` adapter alone: the whole
@@ -34,6 +35,8 @@ from PIL import Image
 from transformers import TrainerCallback
 from trl import DPOConfig as TrlDPOConfig
 from trl import DPOTrainer
+from trl.trainer import utils as trl_utils
+from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
 
 from vlm_posttrain import modeling, prompts
 from vlm_posttrain.config import DpoConfig, ModelConfig
@@ -158,11 +161,11 @@ def pair_length(processor, prompt, chosen, rejected, image_tokens: int) -> tuple
     extra = prompt_text.count(prompts.IMAGE_TOKEN) * (image_tokens - 1)
     last_image = prompt_text.rfind(prompts.IMAGE_TOKEN) + len(prompts.IMAGE_TOKEN)
     n_prompt = count(prompt_text) + extra
-    return (
-        count(prompt_text[:last_image]) + extra,
-        n_prompt,
-        n_prompt + max(map(count, (chosen_text, rejected_text))),
+    longest = max(
+        len(prompts.completion_ids(processor.tokenizer, prompt_text, text))
+        for text in (chosen_text, rejected_text)
     )
+    return count(prompt_text[:last_image]) + extra, n_prompt, n_prompt + longest
 
 
 def _cut(image_end: int, n_prompt: int, max_length: int) -> str:
@@ -195,6 +198,57 @@ def to_dpo_dataset(pairs_df: pd.DataFrame, processor, max_length: int) -> datase
             )
         records.append({"images": images, "prompt": prompt, "chosen": chosen, "rejected": rejected})
     return datasets.Dataset.from_list(records)
+
+
+# ---- collation ---------------------------------------------------------------------------------------------
+
+
+class PreferenceCollator(DataCollatorForVisionPreference):
+    """TRL's vision preference collator, with each completion tokenized after its prompt.
+
+    TRL 1.16 tokenizes ``" answer</s>"`` on its own, which under Llama-2's normalizer starts with an extra
+    "▁" token that SFT never trains and generation never emits. Here the prompt (with its images) goes
+    through the processor as in TRL, and each completion's tokens are those of prompt + completion
+    tokenized together, split at the prompt (:func:`prompts.completion_ids`): the chosen and rejected
+    tokens are the ones SFT supervises for the same answer after the same prompt. Nothing is truncated
+    (every pair was checked against ``dpo.max_length`` before training). Rows are TRL's conversational vision
+    preference rows, string or list contents.
+    """
+
+    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        tok = self.processor.tokenizer
+        prompt_texts, chosen, rejected = [], [], []
+        for example in examples:
+            prompt = structured(_plain(example["prompt"]), len(example["images"]))
+            chosen_turns, rejected_turns = (structured(_plain(example[c]), 0) for c in ("chosen", "rejected"))
+            prompt_text, chosen_text = render_pair(self.processor, prompt, chosen_turns)
+            _, rejected_text = render_pair(self.processor, prompt, rejected_turns)
+            prompt_texts.append(prompt_text)
+            chosen.append(prompts.completion_ids(tok, prompt_text, chosen_text))
+            rejected.append(prompts.completion_ids(tok, prompt_text, rejected_text))
+        images = [example["images"] for example in examples] * 2  # chosen rows, then rejected rows
+        output = self.processor(
+            images=images,
+            text=prompt_texts * 2,
+            padding=True,
+            padding_side="left",
+            return_tensors="pt",
+            add_special_tokens=False,  # the template wrote the BOS
+        )
+        completions = [torch.tensor(ids, dtype=torch.long) for ids in chosen + rejected]
+        completion_ids = trl_utils.pad(completions, padding_value=tok.pad_token_id, padding_side="right")
+        completion_mask = trl_utils.pad(
+            [torch.ones_like(c) for c in completions], padding_value=0, padding_side="right"
+        )
+        prompt_mask = output["attention_mask"]
+        attention_mask, input_ids, completion_mask = trl_utils.flush_left(
+            torch.cat((prompt_mask, completion_mask), dim=1),
+            torch.cat((output["input_ids"], completion_ids), dim=1),
+            torch.cat((torch.zeros_like(prompt_mask), completion_mask), dim=1),
+        )
+        output["input_ids"], output["attention_mask"] = input_ids, attention_mask
+        output["completion_mask"] = completion_mask
+        return output
 
 
 # ---- the policy and the trainer -------------------------------------------------------------------------
@@ -270,6 +324,7 @@ def build_trainer(
         args=trainer_args(dpo, out_dir, seed, model_cfg.compute_dtype),
         train_dataset=train,
         processing_class=processor,
+        data_collator=PreferenceCollator(processor),
         callbacks=[ReferenceCheck(zero_margin_loss(dpo.loss_type, dpo.beta)), *callbacks],
     )
     if REFERENCE not in trainer.model.peft_config:

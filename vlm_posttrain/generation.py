@@ -141,7 +141,7 @@ def encode_rows(processor, images: Sequence, texts: Sequence[str]) -> list[dict]
         raise ValueError(f"{len(images)} images for {len(texts)} prompts; give one image per prompt")
     rows = []
     for image, text in zip(images, texts, strict=True):
-        # The template writes every token itself: no BOS added, exactly as TRL tokenizes in SFT and DPO.
+        # The template writes every special token, its BOS too: the tokenizer adds none, as in TRL's collators.
         out = processor(text=[text], images=[image], return_tensors="np", add_special_tokens=False)
         rows.append({key: value[0] for key, value in out.items() if key != "attention_mask"})
     return rows
@@ -186,7 +186,7 @@ class Generator:
         return prompts.generation_prompt(self.processor, list(conversations), system_prompt)
 
     def encode(self, images: Sequence, texts: Sequence[str]) -> dict:
-        # The template writes every token itself: no BOS added, exactly as TRL tokenizes in SFT and DPO.
+        # The template writes every special token, its BOS too: the tokenizer adds none, as in TRL's collators.
         inputs = self.processor(
             text=list(texts), images=list(images), return_tensors="pt", padding=True, add_special_tokens=False
         )

@@ -5,7 +5,11 @@ bytes the model is trained on are the bytes it is asked at inference (the study 
 family's template for DPO; a test renders one example through every path and compares).
 
 The policy template is LLaVA-1.5's (Vicuna v1) conversation form:
-``[system ]USER: <image>\\n{question} ASSISTANT: {answer}</s>USER: {question} ASSISTANT: ...``.
+``<s>[system ]USER: <image>\\n{question} ASSISTANT: {answer}</s>USER: {question} ASSISTANT: ...``.
+Tokenization policy: the template writes every special token, BOS included, and every tokenizer call
+passes ``add_special_tokens=False`` (TRL's collators do), so each sequence starts with exactly one BOS, as
+llava-hf's own ``processor(text=...)`` gives; a template that is not ours (a critic's) gets its BOS from
+:func:`with_bos`.
 The assistant text sits inside ``{% generation %}`` markers so TRL's ``assistant_only_loss`` supervises
 every assistant turn and nothing else. The answer's leading space belongs to the answer, so the
 generation prompt ends in ``ASSISTANT:`` exactly as in training.
@@ -17,6 +21,7 @@ IMAGE_TOKEN = "<image>"
 EOS = "</s>"
 
 LLAVA_15_TEMPLATE = (
+    "{{- bos_token -}}"
     "{%- for message in messages -%}"
     "{%- if message['content'] is string -%}"
     "{%- set parts = [{'type': 'text', 'text': message['content']}] -%}"
@@ -132,6 +137,24 @@ def completion_text(processor, prompt_messages: list[dict], answer: str) -> str:
     return full[len(prompt) :]
 
 
+def completion_ids(tokenizer, prompt_text: str, completion: str) -> list[int]:
+    """The tokens of ``completion`` as they follow ``prompt_text``: the two tokenized together, split at the
+    prompt's tokens.
+
+    Tokenized on its own, a completion can tokenize differently: under Llama-2's normalizer " After</s>"
+    alone is ["▁", "▁After", "</s>"], after "ASSISTANT:" it is ["▁After", "</s>"], which is what SFT trains
+    and generation emits (TRL 1.16's vision preference collator tokenizes completions on their own).
+    """
+    prompt = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    full = tokenizer(prompt_text + completion, add_special_tokens=False)["input_ids"]
+    if full[: len(prompt)] != prompt:
+        raise ValueError(
+            f"the completion {completion[:40]!r} merges with the prompt's last token; the prompt must end "
+            "where a token ends (the chat template's generation prompt does)"
+        )
+    return full[len(prompt) :]
+
+
 # ---- Self-judging: the policy compares two of its own answers -------------------------------------------
 # The verdict is read from the probabilities of the two label tokens after "ASSISTANT:", never parsed from
 # free text. Labels are neutral letters; the judge shows each pair in both orders and swaps the labels with
@@ -192,6 +215,26 @@ CHATML_TEMPLATE = (
 )
 
 
+def with_bos(tokenizer, text: str) -> str:
+    """``text`` starting with exactly one BOS where the tokenizer's convention adds one (Llama's), as the
+    tokenizer itself would with ``add_special_tokens=True``; unchanged for tokenizers without (Qwen's)."""
+    bos = tokenizer.bos_token
+    if not bos or text.startswith(bos):
+        return text
+    # What the tokenizer does, not its add_bos_token flag (a saved tokenizer.json keeps the post-processor
+    # that adds the BOS, but reloads with the flag off).
+    adds_bos = tokenizer("", add_special_tokens=True)["input_ids"][:1] == [tokenizer.bos_token_id]
+    return bos + text if adds_bos else text
+
+
+def _critic_render(processor, messages: list[dict]) -> str:
+    template = getattr(processor, "chat_template", None) or CHATML_TEMPLATE
+    text = processor.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True, chat_template=template
+    )
+    return with_bos(processor.tokenizer, text)
+
+
 def critic_messages(question: str, first: str, second: str) -> list[dict]:
     text = CRITIC_PAIRWISE_PROMPT.format(question=question, first=first, second=second)
     return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
@@ -199,13 +242,7 @@ def critic_messages(question: str, first: str, second: str) -> list[dict]:
 
 def critic_prompt(processor, question: str, first: str, second: str) -> str:
     """The critic's pairwise prompt through the critic's own chat template."""
-    template = getattr(processor, "chat_template", None) or CHATML_TEMPLATE
-    return processor.apply_chat_template(
-        critic_messages(question, first, second),
-        tokenize=False,
-        add_generation_prompt=True,
-        chat_template=template,
-    )
+    return _critic_render(processor, critic_messages(question, first, second))
 
 
 # ---- Critic scoring: LLaVA-Critic's own pointwise prompt, verbatim (its typo "answer answers" included) ----
@@ -226,7 +263,4 @@ def critic_pointwise_prompt(processor, question: str, answer: str) -> str:
     """The critic's pointwise prompt through the critic's own chat template."""
     text = CRITIC_POINTWISE_PROMPT.format(question=question, answer=answer)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
-    template = getattr(processor, "chat_template", None) or CHATML_TEMPLATE
-    return processor.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=True, chat_template=template
-    )
+    return _critic_render(processor, messages)
