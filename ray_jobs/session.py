@@ -30,18 +30,36 @@ PROJECT_DIRS = ("/vlm_posttrain/", "/ray_jobs/")
 USER_ERROR_TYPES = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError)
 
 
-def parse_args(description: str, argv: list[str] | None = None) -> tuple[ExperimentConfig, RunStore]:
+def parse_cli(
+    description: str,
+    argv: list[str] | None = None,
+    options: Callable[[argparse.ArgumentParser], object] | None = None,
+) -> tuple[ExperimentConfig, RunStore, argparse.Namespace]:
+    """A driver's one command line: ``CONFIG [key.path=value ...]`` plus the driver's own flags.
+
+    ``options`` adds the driver's flags to the same parser, so ``--help`` lists them; flags may stand anywhere
+    among the overrides (``pipeline CONFIG --plan sft.max_length=1024``). Returns the config, its run store and
+    every parsed argument (``config``, ``overrides`` and the driver's own).
+    """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument(
         "config", nargs="?", default=DEFAULT_CONFIG, help=f"experiment YAML (default {DEFAULT_CONFIG})"
     )
     parser.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. sft.learning_rate=1e-4")
-    args = parser.parse_args(argv)
+    if options is not None:
+        options(parser)
+    args = parser.parse_intermixed_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
         parser.exit(2, f"error: {err}\n")
-    return cfg, RunStore(cfg.run.root)
+    return cfg, RunStore(cfg.run.root), args
+
+
+def parse_args(description: str, argv: list[str] | None = None) -> tuple[ExperimentConfig, RunStore]:
+    """``CONFIG [key.path=value ...]``: the config and its run store (:func:`parse_cli` without extra flags)."""
+    cfg, store, _ = parse_cli(description, argv)
+    return cfg, store
 
 
 def connect() -> None:

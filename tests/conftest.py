@@ -86,14 +86,32 @@ def llama2_gguf(shared_data) -> Path:
     return path
 
 
-@pytest.fixture(scope="session", params=["legacy", "metaspace"])
-def llava15_dir(request, llama2_gguf, tmp_path_factory) -> Path:
-    """A LLaVA-1.5-shaped model with the real processor, under each pipeline that gives the documented ids."""
+@pytest.fixture(scope="session")
+def llava15_builder(llama2_gguf, tmp_path_factory):
+    """Builds the LLaVA-1.5-shaped model with the real processor once per tokenizer pipeline and session."""
     from vlm_posttrain.llava15 import build_llava15
 
-    return build_llava15(
-        tmp_path_factory.mktemp(f"llava15-{request.param}") / "model", llama2_gguf, request.param
-    )
+    built: dict[str, Path] = {}
+
+    def build(pipeline: str) -> Path:
+        if pipeline not in built:
+            out = tmp_path_factory.mktemp(f"llava15-{pipeline}") / "model"
+            built[pipeline] = build_llava15(out, llama2_gguf, pipeline)
+        return built[pipeline]
+
+    return build
+
+
+@pytest.fixture(scope="session", params=["legacy", "metaspace"])
+def llava15_dir(request, llava15_builder) -> Path:
+    """The LLaVA-1.5-shaped model under each tokenizer pipeline that gives the documented ids."""
+    return llava15_builder(request.param)
+
+
+@pytest.fixture(scope="session")
+def llava15_legacy_dir(llava15_builder) -> Path:
+    """The LLaVA-1.5-shaped model under the legacy pipeline (most likely what the hub's tokenizer.json holds)."""
+    return llava15_builder("legacy")
 
 
 @pytest.fixture(scope="session")

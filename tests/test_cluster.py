@@ -436,14 +436,16 @@ def test_killed_ray_data_actors_lose_no_rows(cluster, submitted, tmp_path, capsy
     killed = {a["actor_id"]: a for a in fault["actors"]}
     after = {a["actor_id"]: a for a in ray_state(cluster, "actors", detail=True) if a["actor_id"] in killed}
     restarted = [i for i, a in after.items() if int(a["num_restarts"]) >= 1 and a["pid"] != killed[i]["pid"]]
-    generator = fault["actors"][0]["actor_id"]
 
-    # A batch the generator held when it died ran again (so the kill was mid-pipeline, not after its last
-    # batch); task events reach the state API a little after the tasks end.
-    def generator_retried():
-        return [t for t in pool_tasks(ray_state(cluster, "tasks"), generator) if t["attempt_number"] >= 1]
+    # A batch a killed actor held when it died ran again (so the kill was mid-pipeline, not after the last
+    # batch); task events reach the state API a little after the tasks end. Usually both pools retry; the
+    # generator alone can be between batches at the kill (a full-suite run on 2026-12-01 saw no generator retry), so either counts.
+    def some_retried():
+        return [
+            t for i in killed for t in pool_tasks(ray_state(cluster, "tasks"), i) if t["attempt_number"] >= 1
+        ]
 
-    wait_for(generator_retried, 60, "a retried attempt of a batch the killed generator held")
+    wait_for(some_retried, 120, "a retried attempt of a batch a killed actor held")
     tasks = [t for i in killed for t in pool_tasks(ray_state(cluster, "tasks"), i)]
     retried = {t["task_id"] for t in tasks if t["attempt_number"] >= 1 and t["state"] == "FINISHED"}
 
