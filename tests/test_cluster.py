@@ -439,7 +439,8 @@ def test_killed_ray_data_actors_lose_no_rows(cluster, submitted, tmp_path, capsy
 
     # A batch a killed actor held when it died ran again (so the kill was mid-pipeline, not after the last
     # batch); task events reach the state API a little after the tasks end. Usually both pools retry; the
-    # generator alone can be between batches at the kill (a full-suite run on 2026-12-01 saw no generator retry), so either counts.
+    # generator alone can be between batches at the kill (a full-suite run on 2026-12-01 saw no generator
+    # retry), so either counts.
     def some_retried():
         return [
             t for i in killed for t in pool_tasks(ray_state(cluster, "tasks"), i) if t["attempt_number"] >= 1
