@@ -6,11 +6,22 @@ and every table as CSV and parquet, all linked from the report.
 
 Sections appear for whatever the run has: trials and learning curves (sft, soup), preference-pair
 diagnostics (pairs), DPO reward margins (dpo), and per-variant scores with 95% bootstrap intervals and
-paired tests against the base and the best single trial (eval). Pandas and matplotlib only.
+paired tests against the base and against the best SFT trial (eval), and, given `study=`, the original
+study's published table beside the exact means of its scores. Pandas and matplotlib only.
+
+The best trial, the reference of the second set of paired tests, is the SFT trial with the lowest validation
+loss in the trial table (`best_trial_by_validation`: it is given the trial table and the variant names, never
+a test score). Choosing it by mean test score and then testing it on the same test set biases every
+comparison against it: with the study's four SFT trials' scores shuffled within each prompt (the null), the
+chance of at least one false verdict after Holm is 0.044 with the reference fixed in advance (0.042 chosen
+by an independent validation loss) and 0.076 with the reference chosen by its test mean (40,000 shuffles,
+5,000 sign flips; `tests/test_report.py::_false_verdict_rates`, seeds 11 and 12).
+Where no trial has a validation loss the report says so and makes no best-trial comparison.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -20,9 +31,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from analysis.run import RunTables  # noqa: E402
+from analysis.seed_outputs import SeedScores, study_notes, study_table  # noqa: E402
 from analysis.stats import compare_variants, main_effects, summarize_variants  # noqa: E402
 
 SCORE_SUFFIX = "/score"
+TRIAL_PREFIX = "sft/"
+# Validation loss of a trial's kept adapter: best_eval_loss (the checkpoint the sft stage keeps and eval
+# loads), else eval_loss (the last epoch's, equal to it for one epoch or a table without best_eval_loss).
+VAL_LOSS_COLUMNS = ("best_eval_loss", "eval_loss")
 
 
 def _save_table(df: pd.DataFrame, out: Path, name: str) -> str:
@@ -122,16 +138,81 @@ def _effects_section(run: RunTables, out: Path) -> list[str]:
     return lines
 
 
-def _best_trial_variant(variants: list[str], evaluation: pd.DataFrame, score_col: str) -> str | None:
-    trials = [v for v in variants if str(v).startswith("sft/")]
-    if not trials:
-        return None
-    means = evaluation[evaluation["variant"].isin(trials)].groupby("variant")[score_col].mean()
-    return str(means.idxmax())
+@dataclass(frozen=True)
+class BestTrial:
+    """The best-trial reference: its variant (None when there is none) and the sentence the report prints."""
+
+    variant: str | None
+    note: str
 
 
-def _eval_section(evaluation: pd.DataFrame, out: Path, baseline: str) -> list[str]:
+def best_trial_by_validation(trials: pd.DataFrame | None, variants: list[str]) -> BestTrial:
+    """The evaluated SFT trial (`sft/<trial_id>`) with the lowest validation loss in the trial table.
+
+    Reads only the trial table (its `trial_id` and `best_eval_loss`, else `eval_loss`) and the names of the
+    evaluated variants: no test score can influence the choice. Ties go to the first in the trial table's
+    order. Without a trial table, a validation loss column or an evaluated trial with a finite validation
+    loss, `variant` is None and `note` says why: the choice never falls back to test scores.
+    """
+    evaluated = [str(v) for v in variants if str(v).startswith(TRIAL_PREFIX)]
+    if not evaluated:
+        return BestTrial(
+            None, f"No best-trial comparison: no SFT trial variant ({TRIAL_PREFIX}<trial_id>) was evaluated."
+        )
+    none = "No best-trial comparison: "
+    never = " The best trial is chosen by validation loss only, never by test scores."
+    if trials is None or "trial_id" not in trials:
+        return BestTrial(None, none + "the run has no SFT trial table with `trial_id`." + never)
+    column = next((c for c in VAL_LOSS_COLUMNS if c in trials), None)
+    if column is None:
+        return BestTrial(
+            None, none + f"the trial table has no validation loss ({' or '.join(VAL_LOSS_COLUMNS)})." + never
+        )
+    table = trials.assign(
+        variant=TRIAL_PREFIX + trials["trial_id"].astype(str),
+        val_loss=pd.to_numeric(trials[column], errors="coerce"),
+    )
+    candidates = table[table["variant"].isin(evaluated) & table["val_loss"].notna()]
+    lacking = sorted(set(evaluated) - set(candidates["variant"]))
+    if candidates.empty:
+        return BestTrial(None, none + f"no evaluated SFT trial has a `{column}` in the trial table." + never)
+    best = candidates.loc[candidates["val_loss"].idxmin()]
+    tied = candidates[candidates["val_loss"] == best["val_loss"]]["variant"].tolist()
+    note = (
+        f"Best trial: **{best['variant']}**, the SFT trial with the lowest validation loss "
+        f"(`{column}` = {best['val_loss']:.4g} in the trial table), chosen from the trial table alone, without any test score."
+    )
+    if len(tied) > 1:
+        note += f" Tied on validation loss: {', '.join(tied)}; the first in the trial table is taken."
+    if lacking:
+        note += f" Not candidates (no `{column}` in the trial table): {', '.join(lacking)}."
+    return BestTrial(str(best["variant"]), note)
+
+
+def _study_section(study: SeedScores, out: Path) -> list[str]:
+    table = study_table(study)
+    lines = [
+        "## The study's published table",
+        "",
+        "Each model's mean score computed exactly from the study's per-prompt scores (`exact` = sum / n), the"
+        " CSV's footer row of means, and the study's published two-decimal table.",
+        "",
+        _md(table, ".12g"),
+        "",
+        *[f"- {note}" for note in study_notes(table)],
+        "",
+        _save_table(table, out, "study_table"),
+        "",
+    ]
+    return lines
+
+
+def _eval_section(
+    evaluation: pd.DataFrame, trials: pd.DataFrame | None, out: Path, baseline: str
+) -> list[str]:
     lines = ["## Evaluation", ""]
+    best = best_trial_by_validation(trials, list(pd.unique(evaluation["variant"])))
+    lines += [best.note, ""]
     for score_col in [c for c in evaluation.columns if c.endswith(SCORE_SUFFIX)]:
         judge = score_col.removesuffix(SCORE_SUFFIX).replace("/", "_")
         summary = summarize_variants(evaluation, score_col)
@@ -145,14 +226,16 @@ def _eval_section(evaluation: pd.DataFrame, out: Path, baseline: str) -> list[st
         plot_scores(summary, out / f"scores_{judge}.png", score_col)
         lines += [f"![scores]({f'scores_{judge}.png'})", ""]
         variants = list(summary["variant"])
-        references = [baseline] if baseline in variants else []
-        best = _best_trial_variant(variants, evaluation, score_col)
-        if best:
-            references.append(best)
-        for ref in references:
+        references = {baseline: "the baseline"} if baseline in variants else {}
+        if best.variant is not None and best.variant != baseline:
+            references[best.variant] = "the best trial, chosen by validation loss"
+        for ref, role in references.items():
             comparison = compare_variants(evaluation, score_col, baseline=ref)
             name = f"compare_{judge}_vs_{str(ref).replace('/', '_')}"
-            lines += [f"### Paired differences against {ref} (bootstrap CI, sign-flip p, Holm-adjusted)", ""]
+            lines += [
+                f"### Paired differences against {ref} ({role}; bootstrap CI, sign-flip p, Holm-adjusted)",
+                "",
+            ]
             shown = ["variant", "n_pairs", "diff", "ci_lo", "ci_hi", "p_value", "p_holm", "verdict"]
             lines += [_md(comparison[shown], ".3f"), "", _save_table(comparison, out, name), ""]
             plot_differences(comparison, out / f"{name}.png")
@@ -193,8 +276,14 @@ def judge_agreement(evaluation: pd.DataFrame) -> pd.DataFrame | None:
     return pd.DataFrame(rows) if rows else None
 
 
-def write_report(run: RunTables, out_dir: str | Path, baseline: str = "base") -> Path:
-    """Write report.md, its plots and tables into out_dir; returns the report's path."""
+def write_report(
+    run: RunTables, out_dir: str | Path, baseline: str = "base", study: SeedScores | None = None
+) -> Path:
+    """Write report.md, its plots and tables into out_dir; returns the report's path.
+
+    `study` (from `analysis.seed_outputs.read_wide_scores`) adds the study's published table beside the
+    exact means of its scores, with what the published rounding does.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"# Report: {run.root}", ""]
@@ -215,8 +304,10 @@ def write_report(run: RunTables, out_dir: str | Path, baseline: str = "base") ->
             _save_table(run.dpo_curves, out, "dpo"),
             "",
         ]
+    if study is not None:
+        lines += _study_section(study, out)
     if run.evaluation is not None:
-        lines += _eval_section(run.evaluation, out, baseline)
+        lines += _eval_section(run.evaluation, run.trials, out, baseline)
         lines += _effects_section(run, out)
     path = out / "report.md"
     path.write_text("\n".join(lines))

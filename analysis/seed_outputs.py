@@ -6,6 +6,8 @@ Usage::
 
     long_df = load_wide_scores(path)          # one row per (model, prompt)
     seed = read_wide_scores(path)             # .long, .published_means, .n_footer_rows
+    table = study_table(seed)                 # exact mean per model vs the footer and the published table
+    notes = study_notes(table)                # what the published two-decimal table does (derived, not typed)
 
 The study published `evaluation_results_with_scores.csv`: one row per test prompt (`i`, `prompt`,
 `target`, then `clean_<model>` answers and `score_<model>` judge scores), followed by a blank row and a row
@@ -18,18 +20,37 @@ Long columns: `variant` (the model name from the column, e.g. `SFTe_DPO2`), `sys
 `prompt` (the raw prompt cell), `reference`, `answer`, `answer_tokens` and `latency_s` (not recorded: NA),
 `critic/score` (float 0-100, NaN where the cell is empty, not a number or out of range: never 0) and
 `critic/raw` (the score cell's text as published).
+
+`study_table` computes each model's mean exactly (a `Fraction`: sum of the score cells / number scored) and
+sets it beside the footer (8 decimals: it equals the exact mean rounded to 8 decimals) and the study's
+published two-decimal table (`PUBLISHED_TABLE`), saying for each published value whether it is the exact
+mean truncated, rounded, or both. On the study's CSV: Base and SFTe_DPO2 both sum to 7360 over 178 prompts
+(41.348314...), yet were published as 41.34 (truncated) and 41.35 (rounded); SFT1 42.97 and SFT3 38.24 are
+truncations too (42.977..., 38.247...).
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 JUDGE = "critic"
+# The study's published table of mean scores (shared/data/README.md); its DPO column is SFTe_DPO2.
+PUBLISHED_TABLE = {
+    "Base": "41.34",
+    "SFT1": "42.97",
+    "SFT2": "40.67",
+    "SFT3": "38.24",
+    "SFT4": "36.91",
+    "SFTe": "43.62",
+    "SFTe_DPO2": "41.35",
+}
 _ID_COLUMNS = ["i", "prompt", "target"]
 # LLaVA-1.5 chat wrapper the study put around each question (the image token was already stripped).
 _PROMPT_RE = re.compile(r"^\s*USER:\s*(?P<question>.*?)\s*ASSISTANT:\s*$", re.DOTALL)
@@ -146,3 +167,122 @@ def read_wide_scores(path: str | Path) -> SeedScores:
 def load_wide_scores(path: str | Path) -> pd.DataFrame:
     """The long evaluation rows of the study's wide CSV (footer dropped); see `read_wide_scores`."""
     return read_wide_scores(path).long
+
+
+def exact_mean(raw_scores: pd.Series) -> tuple[Fraction, int]:
+    """Exact sum of the valid score cells (as `parse_score` accepts them) and how many there are."""
+    valid = [text for text in raw_scores if not math.isnan(parse_score(text))]
+    return sum((Fraction(text.strip()) for text in valid), Fraction(0)), len(valid)
+
+
+def _truncate(x: Fraction, places: int) -> Fraction:
+    scale = 10**places
+    return Fraction(math.floor(x * scale), scale) if x >= 0 else -_truncate(-x, places)
+
+
+def _round_half_up(x: Fraction, places: int) -> Fraction:
+    scale = 10**places
+    return Fraction(math.floor(x * scale + Fraction(1, 2)), scale)
+
+
+def _published_is(published: Fraction, truncated: Fraction, rounded: Fraction) -> str:
+    if published == truncated == rounded:
+        return "truncated = rounded"
+    if published == truncated:
+        return "truncated"
+    if published == rounded:
+        return "rounded"
+    return "neither"
+
+
+def study_table(seed: SeedScores, published: dict[str, str] | None = None) -> pd.DataFrame:
+    """Per model: the exact mean of its scores, the CSV footer's mean, and the published two-decimal value.
+
+    Columns: `model`, `n` (scores), `score_sum`, `exact` ("sum/n", unreduced), `mean` (float of the exact
+    mean), `footer` (the means row), `footer_is_exact_8dp` (footer == exact mean rounded to 8 decimals),
+    `published` (`PUBLISHED_TABLE` by default; NaN for a model it lacks), `truncated` and `rounded` (the
+    exact mean cut / rounded half up to the published value's decimals) and `published_is` ("truncated",
+    "rounded", "truncated = rounded" where both give it, or "neither"). Every comparison is on fractions.
+    """
+    published = PUBLISHED_TABLE if published is None else published
+    rows = []
+    for model, group in seed.long.groupby("variant", sort=False):
+        total, n = exact_mean(group[f"{JUDGE}/raw"])
+        exact = total / n if n else Fraction(0)
+        footer = float(seed.published_means.get(model, math.nan))
+        row = {
+            "model": model,
+            "n": n,
+            "score_sum": float(total),
+            "exact": f"{total}/{n}",
+            "mean": float(exact) if n else math.nan,
+            "footer": footer,
+            "footer_is_exact_8dp": bool(n)
+            and math.isfinite(footer)
+            and Fraction(repr(float(footer))) == round(exact, 8),
+            "published": math.nan,
+            "truncated": math.nan,
+            "rounded": math.nan,
+            "published_is": "",
+        }
+        if model in published and n:
+            text = published[model]
+            places = len(text.partition(".")[2])
+            value, truncated, rounded = (
+                Fraction(text),
+                _truncate(exact, places),
+                _round_half_up(exact, places),
+            )
+            row.update(
+                published=float(value),
+                truncated=float(truncated),
+                rounded=float(rounded),
+                published_is=_published_is(value, truncated, rounded),
+            )
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _listing(table: pd.DataFrame) -> str:
+    return ", ".join(f"{r.model} {r.published:.2f} (exact {r.mean:.4f}...)" for r in table.itertuples())
+
+
+def study_notes(table: pd.DataFrame) -> list[str]:
+    """Sentences on `study_table`'s result, each derived from the numbers (nothing here is typed in)."""
+    notes = []
+    footer_ok = table["footer_is_exact_8dp"].all()
+    notes.append(
+        "The CSV's footer row equals every model's exact mean rounded to 8 decimals."
+        if footer_ok
+        else "The CSV's footer row differs from the exact mean (to 8 decimals) for "
+        + ", ".join(table.loc[~table["footer_is_exact_8dp"], "model"])
+        + "."
+    )
+    kinds = {kind: table[table["published_is"] == kind] for kind in ["truncated", "rounded", "neither"]}
+    if len(kinds["truncated"]) and len(kinds["rounded"]):
+        notes.append(
+            "The published two-decimal table is not rounded consistently: it truncates "
+            f"{_listing(kinds['truncated'])} but rounds {_listing(kinds['rounded'])}; for the other models "
+            "truncating and rounding give the same value."
+        )
+    elif len(kinds["truncated"]):
+        notes.append(
+            f"The published two-decimal table truncates rather than rounds: {_listing(kinds['truncated'])}."
+        )
+    if len(kinds["neither"]):
+        notes.append(f"Neither truncation nor rounding gives the published {_listing(kinds['neither'])}.")
+    for exact, group in table[table["n"] > 0].groupby("exact", sort=False):
+        if len(group) > 1:
+            models = " and ".join(group["model"])
+            shown = group.dropna(subset=["published"]).sort_values("published")
+            how = ", ".join(f"{r.model} {r.published_is}" for r in shown.itertuples())
+            artefact = (
+                f"; the published {' vs '.join(f'{v:.2f}' for v in shown['published'])} is an artefact of "
+                f"rounding ({how}), not a difference"
+                if shown["published"].nunique() > 1
+                else ""
+            )
+            notes.append(
+                f"{models} have exactly the same mean ({exact} = {group['mean'].iloc[0]:.10f}){artefact}."
+            )
+    return notes

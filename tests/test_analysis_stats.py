@@ -1,5 +1,6 @@
 """Tests for analysis.stats (hand cases, scipy cross-checks) and analysis.seed_outputs on the study's CSV."""
 
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -7,7 +8,14 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
-from analysis.seed_outputs import load_wide_scores, parse_score, read_wide_scores
+from analysis.seed_outputs import (
+    PUBLISHED_TABLE,
+    load_wide_scores,
+    parse_score,
+    read_wide_scores,
+    study_notes,
+    study_table,
+)
 from analysis.stats import (
     bootstrap_mean_ci,
     compare_variants,
@@ -231,13 +239,50 @@ def test_seed_table_shape(shared_data: Path) -> None:
     assert long["critic/raw"].str.fullmatch(r"\d+").all()
 
 
-def test_seed_means_reproduce_published(shared_data: Path) -> None:
+# Each model's exact mean over the 178 prompts: sum of its integer scores / 178.
+EXACT_SUMS = {
+    "Base": 7360,
+    "SFT1": 7650,
+    "SFT2": 7240,
+    "SFT3": 6808,
+    "SFT4": 6570,
+    "SFTe": 7765,
+    "SFTe_DPO2": 7360,
+}
+
+
+def test_seed_means_reproduce_the_footer_exactly(shared_data: Path) -> None:
+    # The footer holds each mean to 8 decimals (41.34831461 for 41.348314606...), so it can be matched at
+    # most to 5e-9 as a float (|mean - footer| reaches 4.4e-9 for SFTe): it is compared exactly instead,
+    # as the exact mean rounded to the footer's 8 decimals.
     seed = read_wide_scores(_seed_csv(shared_data))
     summary = summarize_variants(seed.long, "critic/score").set_index("variant")
-    for model, published in PUBLISHED_MEANS.items():
-        assert summary.loc[model, "mean"] == pytest.approx(published, abs=0.01)
-        assert summary.loc[model, "mean"] == pytest.approx(seed.published_means[model], abs=1e-6)
+    for model, total in EXACT_SUMS.items():
+        raw = seed.long.loc[seed.long["variant"] == model, "critic/raw"]
+        exact = Fraction(sum(int(x) for x in raw), len(raw))
+        assert len(raw) == 178 and exact == Fraction(total, 178)
+        assert summary.loc[model, "mean"] == pytest.approx(float(exact), abs=1e-12)
+        assert round(exact, 8) == Fraction(repr(float(seed.published_means[model])))
+        assert abs(summary.loc[model, "mean"] - seed.published_means[model]) <= 5e-9
         assert summary.loc[model, "ci_lo"] < summary.loc[model, "mean"] < summary.loc[model, "ci_hi"]
+
+
+def test_seed_published_table_truncates_or_rounds(shared_data: Path) -> None:
+    assert {m: float(v) for m, v in PUBLISHED_TABLE.items()} == PUBLISHED_MEANS
+    table = study_table(read_wide_scores(_seed_csv(shared_data))).set_index("model")
+    assert table["exact"].to_dict() == {m: f"{t}/178" for m, t in EXACT_SUMS.items()}
+    assert table["footer_is_exact_8dp"].all() and (table["published"] == pd.Series(PUBLISHED_MEANS)).all()
+    assert table["published_is"].to_dict() == {
+        "Base": "truncated",  # 41.3483 -> 41.34; rounding gives 41.35
+        "SFT1": "truncated",  # 42.9775 -> 42.97; rounding gives 42.98
+        "SFT2": "truncated = rounded",  # 40.6742
+        "SFT3": "truncated",  # 38.2472 -> 38.24; rounding gives 38.25
+        "SFT4": "truncated = rounded",  # 36.9101
+        "SFTe": "truncated = rounded",  # 43.6236
+        "SFTe_DPO2": "rounded",  # 41.3483 -> 41.35, the same mean as Base's 41.34
+    }
+    notes = study_notes(table.reset_index())
+    assert any(n.startswith("Base and SFTe_DPO2 have exactly the same mean (7360/178 = ") for n in notes)
 
 
 def test_seed_no_variant_differs_from_base(shared_data: Path) -> None:
