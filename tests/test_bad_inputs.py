@@ -153,6 +153,7 @@ def test_bad_soup_input_is_refused(name, tmp_path, capsys):
 def test_corpus_covers_every_kind_of_bad_input():
     assert set(CASES) >= {
         "corrupt_image",
+        "oversized_image",
         "missing_image",
         "no_question",
         "no_answer",
