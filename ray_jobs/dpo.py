@@ -17,7 +17,7 @@ from two flags:
 
 from __future__ import annotations
 
-import argparse
+import json
 import shutil
 import time
 from pathlib import Path
@@ -26,9 +26,9 @@ import pandas as pd
 
 from ray_jobs import model as model_job
 from ray_jobs import sft as sft_job
-from ray_jobs.session import cli, connect, parse_args, stage
+from ray_jobs.session import InputError, cli, connect, parse_cli, raise_input_errors, stage
 from vlm_posttrain.config import ExperimentConfig
-from vlm_posttrain.store import RunStore, build_manifest, digest
+from vlm_posttrain.store import MANIFEST, RunStore, build_manifest, digest
 
 ADAPTER = "adapter"
 CURVE = "metrics.parquet"
@@ -82,6 +82,7 @@ def collect_policy(results, staging: Path, round_index: int) -> dict:
     from vlm_posttrain.dpo import ADAPTER as POLICY_ADAPTER
     from vlm_posttrain.dpo import CURVE as POLICY_CURVE
 
+    raise_input_errors(results)
     result = results[0]
     if result.error:
         raise RuntimeError(f"the DPO trial failed: {result.error}")
@@ -94,6 +95,47 @@ def collect_policy(results, staging: Path, round_index: int) -> dict:
     summary = {k: result.metrics[k] for k in keep if k in result.metrics}
     summary |= {k: v for k, v in result.metrics.items() if k.startswith(("rewards/", "logps/"))}
     return summary
+
+
+def no_pairs_message(pairs_dir: str) -> str:
+    """Why a pairs artifact holds no pair (from its manifest's counts) and what to change."""
+    folder = Path(pairs_dir) if Path(pairs_dir).is_dir() else Path(pairs_dir).parent
+    manifest = folder / MANIFEST
+    counts = ""
+    if manifest.is_file():
+        metrics = json.loads(manifest.read_text())["metrics"]
+        diagnostics = metrics.get("diagnostics", {})
+        ties, unparsed = diagnostics.get("ties", {}), diagnostics.get("unparsed", {})
+        counts = (
+            f" from {metrics.get('prompts', '?')} prompts ({ties.get('k', '?')} with best and worst sample "
+            f"tied, {unparsed.get('k', '?')} of {unparsed.get('n', '?')} verdicts unparsed)"
+        )
+    return (
+        f"pairs '{folder.name}': no preference pair{counts}; DPO has nothing to learn from: give the pairs "
+        "stage more prompts (pairs.limit), more samples per prompt (pairs.k), a lower pairs.tie_margin, or "
+        "another pairs.judge"
+    )
+
+
+def check_pairs(cfg: ExperimentConfig, base_dir: str, pairs_dir: str) -> dict:
+    """Before any DPO trial: the pairs exist and fit ``dpo.max_length`` (under ``data.bad_rows: skip`` the
+    longer ones are counted, and the trial drops the same ones); returns the counts for the manifest."""
+    from vlm_posttrain import dpo, modeling
+
+    pairs = pd.read_parquet(dpo.find_pairs(pairs_dir))
+    if pairs.empty:
+        raise InputError(no_pairs_message(pairs_dir))
+    processor = modeling.load_processor(base_dir, cfg.model.trust_remote_code)
+    kept, rejects = dpo.fit_pairs(pairs, processor, cfg.dpo.max_length, cfg.data.bad_rows)
+    too_long = rejects.counts.get("too_long", 0)
+    if kept.empty:
+        raise InputError(
+            f"pairs '{Path(pairs_dir).name}': none of its {len(pairs)} pairs fits dpo.max_length="
+            f"{cfg.dpo.max_length} whole (prompt, image tokens and the longer answer); raise dpo.max_length"
+        )
+    if too_long:
+        print(f"[dpo] {too_long} of {len(pairs)} pairs exceed dpo.max_length={cfg.dpo.max_length}: skipped")
+    return {"pairs_in": len(pairs), "pairs_too_long": too_long, "pairs_too_long_examples": rejects.examples}
 
 
 def run(
@@ -111,12 +153,21 @@ def run(
     key = dpo_key(cfg, base, start_adapter_dir, pairs_dir, round_index)
 
     def build() -> None:
+        counts = check_pairs(cfg, base_dir, str(pairs_dir))  # bad input stops here, before Ray and any trial
         connect()
         start = time.time()
-        setup = DpoSetup(cfg.dpo, cfg.model, base_dir, str(start_adapter_dir), str(pairs_dir), cfg.run.seed)
+        setup = DpoSetup(
+            cfg.dpo,
+            cfg.model,
+            base_dir,
+            str(start_adapter_dir),
+            str(pairs_dir),
+            cfg.run.seed,
+            cfg.data.bad_rows,
+        )
         results = make_tuner(cfg, store, key, setup).fit()
         staging = store.staging("dpo", key)
-        summary = collect_policy(results, staging, round_index)
+        summary = collect_policy(results, staging, round_index) | counts
         manifest = build_manifest(
             "dpo",
             cfg.dpo.section(),
@@ -132,23 +183,29 @@ def run(
     return stage("dpo", key, store, build)
 
 
-@cli
-def main(argv: list[str] | None = None) -> None:
-    inputs = argparse.ArgumentParser(add_help=False)
-    inputs.add_argument(
+def _options(parser) -> None:
+    parser.add_argument(
         "--pairs", help="preference parquet, or a pairs artifact folder holding pairs.parquet"
     )
-    inputs.add_argument("--start-adapter", help="PEFT adapter folder to start from (a soup's adapter/)")
-    inputs.add_argument("--round", type=int, default=1, help="round number (1 = from the soup)")
-    known, rest = inputs.parse_known_args(argv)
-    cfg, store = parse_args(__doc__, rest)
-    if not (known.pairs and known.start_adapter):
-        raise SystemExit(
-            "error: on its own the dpo driver needs --pairs and --start-adapter; "
-            "python -m ray_jobs.pipeline supplies them from the pairs and soup stages"
+    parser.add_argument("--start-adapter", help="PEFT adapter folder to start from (a soup's adapter/)")
+    parser.add_argument("--round", type=int, default=1, help="round number (1 = from the soup)")
+
+
+@cli
+def main(argv: list[str] | None = None) -> None:
+    cfg, store, args = parse_cli(__doc__, argv, options=_options)
+    missing = [
+        flag
+        for flag, value in (("--pairs", args.pairs), ("--start-adapter", args.start_adapter))
+        if not value
+    ]
+    if missing:
+        raise InputError(
+            f"the dpo driver on its own needs {' and '.join(missing)}; give them, or run python -m "
+            "ray_jobs.pipeline, which supplies them from the pairs and soup stages"
         )
     base_dir = model_job.run(cfg, store)
-    print(run(cfg, store, base_dir, known.start_adapter, known.pairs, known.round))
+    print(run(cfg, store, base_dir, args.start_adapter, args.pairs, args.round))
 
 
 if __name__ == "__main__":

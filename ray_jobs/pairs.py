@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -161,8 +162,7 @@ def run(cfg: ExperimentConfig, store: RunStore, base_dir: str, data_dir: str, po
             timings={"pipeline_s": pipeline_s, "total_s": time.time() - start},
         )
         store.publish(staging, "pairs", key, manifest)
-        if metrics["pairs"] == 0:
-            print("[pairs] WARNING: no prompt kept a pair (every best sample tied its worst)")
+        warn_few_pairs(metrics, cfg.pairs.warn_kept_below)
 
     from vlm_posttrain.pairs import DIAGNOSTICS
 
@@ -170,6 +170,18 @@ def run(cfg: ExperimentConfig, store: RunStore, base_dir: str, data_dir: str, po
     local = Path(store.local_path("pairs", key))
     print_summary(pd.read_parquet(local / DIAGNOSTICS), json.loads((local / MANIFEST).read_text())["metrics"])
     return path
+
+
+def warn_few_pairs(metrics: dict, share: float) -> None:
+    """A warning when fewer than ``share`` of the prompts kept a pair (the rest tied best and worst)."""
+    prompts, pairs = metrics["prompts"], metrics["pairs"]
+    if prompts and pairs < share * prompts:
+        print(
+            f"[pairs] WARNING: {pairs} of {prompts} prompts kept a pair ({pairs / prompts:.0%}, below "
+            f"pairs.warn_kept_below={share:g}); the others tied best and worst: DPO learns from few pairs. "
+            "More prompts (pairs.limit), samples (pairs.k), a lower pairs.tie_margin or another judge give more",
+            file=sys.stderr,
+        )
 
 
 def print_summary(table: pd.DataFrame, metrics: dict) -> None:

@@ -28,6 +28,41 @@ FORWARDED_ENV = ("HF_HUB_OFFLINE", "HF_HOME", "TOKENIZERS_PARALLELISM", "OMP_NUM
 # Matched as path segments: on a cluster the code runs from Ray's unpacked copy of the working dir.
 PROJECT_DIRS = ("/vlm_posttrain/", "/ray_jobs/")
 USER_ERROR_TYPES = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError)
+# The metric a Tune trial reports instead of raising when its input is bad (trainables.stop_on_input_error):
+# Tune retries a raised error up to resources.max_failures times, which is for crashes, not for bad input.
+INPUT_ERROR = "input_error"
+
+
+class InputError(ValueError):
+    """A problem with the user's input found by a driver, or reported by a trial: one line, exit 2."""
+
+
+def stop_on_input_error(train: Callable) -> Callable:
+    """Decorator for a Tune function trainable: an input problem ends the trial with ``INPUT_ERROR`` reported
+    (the driver raises it with :func:`raise_input_errors`) instead of an error Tune would retry; a crash still
+    raises, and is retried."""
+
+    @functools.wraps(train)
+    def trainable(*args, **kwargs):
+        try:
+            return train(*args, **kwargs)
+        except Exception as err:
+            message = user_error(err)
+            if message is None:
+                raise
+            from ray import tune
+
+            tune.report({INPUT_ERROR: message})
+
+    return trainable
+
+
+def raise_input_errors(results) -> None:
+    """Raise the first trial's input problem (a trial reports it as ``INPUT_ERROR`` rather than failing)."""
+    for result in results:
+        message = (result.metrics or {}).get(INPUT_ERROR)
+        if message:
+            raise InputError(message)
 
 
 def parse_cli(
@@ -119,8 +154,12 @@ def user_error(err: BaseException) -> str | None:
     cause = getattr(err, "cause", None)
     if isinstance(cause, BaseException) and cause is not err:
         return user_error(cause) or _remote_user_error(err, cause)
-    if type(err).__module__.split(".")[0] == "vlm_posttrain" or (
-        isinstance(err, USER_ERROR_TYPES) and _raised_by_project(err)
+    if type(err).__module__.startswith("ray.") and isinstance(err.__cause__, BaseException):
+        return user_error(err.__cause__)  # Ray Data raises a UDF's error as the cause of its own
+    if (
+        isinstance(err, InputError)
+        or type(err).__module__.split(".")[0] == "vlm_posttrain"
+        or (isinstance(err, USER_ERROR_TYPES) and _raised_by_project(err))
     ):
         return " ".join(str(err).split())
     return None

@@ -20,7 +20,7 @@ import pandas as pd
 
 from ray_jobs import data as data_job
 from ray_jobs import model as model_job
-from ray_jobs.session import cli, connect, parse_args, stage, user_error
+from ray_jobs.session import cli, connect, parse_args, raise_input_errors, stage, user_error
 from vlm_posttrain.config import GRID_KEYS, ExperimentConfig
 from vlm_posttrain.store import RunStore, build_manifest, digest
 
@@ -102,6 +102,7 @@ def make_tuner(cfg: ExperimentConfig, store: RunStore, key: str, base_dir: str, 
 
 def collect_adapters(results, staging: Path) -> pd.DataFrame:
     """Copy each trial's best adapter into the artifact and build the trial table (one row per trial)."""
+    raise_input_errors(results)
     errors = [r for r in results if r.error]
     if errors:
         if user_error(errors[0].error):

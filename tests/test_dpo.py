@@ -4,6 +4,7 @@ whole policy, loadable alone."""
 
 import dataclasses
 import math
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -252,8 +253,81 @@ def test_train_dpo_writes_the_whole_policy_loadable_alone(setup, tiny_model_dir,
     assert abs(round2["first_loss"] - math.log(2)) < 1e-4 and round2["steps"] == 1
 
 
+def _with_a_long_pair(pairs_path, out_dir):
+    """The pairs plus one whose rejected answer is far longer than dpo.max_length allows."""
+    pairs = dpo.load_pairs(pairs_path)
+    long = pairs.iloc[[0]].copy()
+    long["example_id"] = "long-one"
+    long["rejected"] = [[{"role": "assistant", "content": [{"type": "text", "text": "much longer " * 300}]}]]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pd.concat([pairs, long], ignore_index=True).to_parquet(out_dir / dpo.PAIRS_FILE, index=False)
+    return out_dir
+
+
+def test_too_long_pairs_are_counted_under_skip_and_named_under_fail(setup, processor, tmp_path):
+    pairs = dpo.load_pairs(_with_a_long_pair(setup["pairs"], tmp_path))
+    kept, rejects = dpo.fit_pairs(pairs, processor, 512, "skip")
+    assert len(kept) == len(pairs) - 1 and "long-one" not in set(kept["example_id"])
+    assert rejects.counts == {"too_long": 1} and rejects.examples == {"too_long": ["long-one"]}
+    with pytest.raises(
+        DataError,
+        match=r"pair 'long-one': \d+ tokens .* exceed dpo.max_length=512 and would cut "
+        r"the answer; raise dpo.max_length or set data.bad_rows=skip",
+    ):
+        dpo.fit_pairs(pairs, processor, 512, "fail")
+
+
+def test_no_pairs_end_the_dpo_stage_in_one_line_before_any_trial(
+    setup, tiny_model_dir, tiny_config, tmp_path, capsys
+):
+    import json
+
+    import ray
+
+    from ray_jobs import dpo as dpo_job
+    from ray_jobs.session import cli
+
+    folder = tmp_path / "pairs-0123"
+    folder.mkdir()
+    pd.DataFrame(columns=list(dpo.PAIR_COLUMNS)).to_parquet(folder / dpo.PAIRS_FILE, index=False)
+    diagnostics = {"ties": {"k": 30, "n": 32}, "unparsed": {"k": 4, "n": 64}}
+    (folder / "manifest.json").write_text(
+        json.dumps({"metrics": {"prompts": 32, "pairs": 0, "diagnostics": diagnostics}})
+    )
+    cfg = tiny_config()
+    store = dpo_job.RunStore(cfg.run.root)
+    with pytest.raises(SystemExit) as exit_info:
+        cli(dpo_job.run)(cfg, store, str(tiny_model_dir), str(setup["start"]), str(folder))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and not any("Traceback" in line for line in err)
+    assert err[-1] == (
+        "error: pairs 'pairs-0123': no preference pair from 32 prompts (30 with best and worst sample tied, 4 of 64 "
+        "verdicts unparsed); DPO has nothing to learn from: give the pairs stage more prompts (pairs.limit), more "
+        "samples per prompt (pairs.k), a lower pairs.tie_margin, or another pairs.judge"
+    )
+    assert not ray.is_initialized() and not (Path(store.base) / "dpo").exists()
+
+
+def test_the_dpo_driver_s_flags_are_on_its_one_parser(tmp_path, capsys):
+    from ray_jobs import dpo as dpo_job
+
+    with pytest.raises(SystemExit) as exit_info:
+        dpo_job.main(["--help"])
+    assert exit_info.value.code == 0 and {"--pairs", "--start-adapter", "--round"} <= set(
+        capsys.readouterr().out.split()
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        dpo_job.main(["configs/tiny.yaml", f"run.root={tmp_path}", "--pairs", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        exit_info.value.code == 2
+        and len(err) == 1
+        and err[0].startswith("error: the dpo driver on its own needs --start-adapter; ")
+    )
+
+
 @pytest.mark.slow
-def test_dpo_runs_as_a_tune_trial_and_skips_when_done(setup, tiny_model_dir, tiny_config):
+def test_dpo_runs_as_a_tune_trial_and_skips_when_done(setup, tiny_model_dir, tiny_config, tmp_path):
     import ray
 
     from ray_jobs import dpo as dpo_job
@@ -262,7 +336,9 @@ def test_dpo_runs_as_a_tune_trial_and_skips_when_done(setup, tiny_model_dir, tin
         dpo={"batch_size": 4, "learning_rate": 1e-2, "warmup_ratio": 0.0}, resources={"cpus_per_trial": 1}
     )
     store = dpo_job.RunStore(cfg.run.root)
-    args = (cfg, store, str(tiny_model_dir), str(setup["start"]), str(setup["pairs"].parent))
+    # One pair too long for dpo.max_length (256): under data.bad_rows: skip it is counted, the rest train.
+    pairs = _with_a_long_pair(setup["pairs"], tmp_path / "pairs-long")
+    args = (cfg, store, str(tiny_model_dir), str(setup["start"]), str(pairs))
     ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
     try:
         path = dpo_job.run(*args)
@@ -271,6 +347,8 @@ def test_dpo_runs_as_a_tune_trial_and_skips_when_done(setup, tiny_model_dir, tin
     manifest = store.manifest("dpo", path.rsplit("dpo-", 1)[1])
     assert manifest["inputs"]["start_adapter"] == str(setup["start"])
     assert abs(manifest["metrics"]["first_loss"] - math.log(2)) < 1e-4
+    assert manifest["metrics"]["pairs_too_long"] == 1 and manifest["metrics"]["train_pairs"] == 8
+    assert manifest["metrics"]["pairs_too_long_examples"] == {"too_long": ["long-one"]}
     curve = pd.read_parquet(f"{path}/{dpo_job.CURVE}")
     assert len(curve) == 2 and (curve["round"] == 1).all()
     assert {"loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"} <= set(

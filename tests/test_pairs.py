@@ -446,3 +446,17 @@ def test_ray_data_stage_publishes_pairs(tiny_config, tiny_model_dir, tiny_data_d
     assert len(samples) == 8 and samples["seed"].nunique() == 8
     assert pd.read_parquet(f"{path}/{PAIRS}").shape[0] == manifest["metrics"]["pairs"]
     assert pairs_job.run(*args) == path  # complete: skipped without Ray
+
+
+def test_the_stage_warns_when_few_prompts_keep_a_pair(capsys):
+    from ray_jobs.pairs import warn_few_pairs
+
+    warn_few_pairs({"prompts": 32, "pairs": 8}, 0.25)
+    assert capsys.readouterr().err == ""  # 25% is not below 25%
+    warn_few_pairs({"prompts": 32, "pairs": 3}, 0.25)
+    err = capsys.readouterr().err
+    assert err.startswith(
+        "[pairs] WARNING: 3 of 32 prompts kept a pair (9%, below pairs.warn_kept_below=0.25)"
+    )
+    warn_few_pairs({"prompts": 32, "pairs": 0}, 0.0)
+    assert capsys.readouterr().err == ""  # 0 turns the warning off

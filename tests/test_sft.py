@@ -150,3 +150,32 @@ def test_qlora_trial_trains_on_a_4bit_language_model(tiny_model_dir, tiny_data_d
     (checkpoint,) = tmp_path.glob("checkpoint-*")
     trained = load_file(checkpoint / "adapter_model.safetensors")
     assert all(t.abs().sum() > 0 for n, t in trained.items() if "lora_B" in n)
+
+
+@pytest.mark.slow
+def test_an_input_problem_inside_a_trial_ends_the_run_in_one_line_without_a_retry(
+    tiny_model_dir, tiny_data_dir, tiny_config, tmp_path, capsys
+):
+    """No example fits sft.max_length: the trial's DataError is reported, not raised, so Tune (max_failures=2)
+    retries nothing, and the driver ends with one line and exit 2."""
+    import ray
+
+    from ray_jobs import sft as sft_job
+    from ray_jobs.session import INPUT_ERROR, InputError, cli
+
+    cfg = tiny_config(sft={"max_length": 8}, resources={"cpus_per_trial": 1, "max_failures": 2})
+    store = sft_job.RunStore(cfg.run.root)
+    ray.init(num_cpus=1, include_dashboard=False, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
+    try:
+        results = sft_job.make_tuner(cfg, store, "k", str(tiny_model_dir), str(tiny_data_dir)).fit()
+    finally:
+        ray.shutdown()
+    assert len(results) == 2 and all(r.error is None for r in results)  # nothing failed, nothing retried
+    assert all(r.metrics[INPUT_ERROR].startswith("no example fits sft.max_length=8") for r in results)
+    with pytest.raises(InputError, match="no example fits sft.max_length=8"):
+        sft_job.raise_input_errors(results)
+    capsys.readouterr()  # Ray's start-up lines
+    with pytest.raises(SystemExit) as exit_info:
+        cli(sft_job.collect_adapters)(results, tmp_path)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and err == ["error: no example fits sft.max_length=8; raise it"]

@@ -20,6 +20,7 @@ from pathlib import Path
 from ray import tune
 from transformers import TrainerCallback
 
+from ray_jobs.session import stop_on_input_error
 from vlm_posttrain.config import DpoConfig, ModelConfig
 from vlm_posttrain.dpo import CURVE_KEYS, POLICY, SUMMARY, train_dpo
 
@@ -32,6 +33,7 @@ class DpoSetup:
     start_adapter_dir: str
     pairs_path: str
     seed: int
+    bad_rows: str = "fail"
 
 
 class TuneReport(TrainerCallback):
@@ -49,6 +51,7 @@ class TuneReport(TrainerCallback):
         )
 
 
+@stop_on_input_error
 def train_dpo_trial(config: dict, setup: DpoSetup) -> None:
     out_dir = Path(tune.get_context().get_trial_dir()) / "hf"
     resume_from = None
@@ -72,5 +75,6 @@ def train_dpo_trial(config: dict, setup: DpoSetup) -> None:
         setup.seed,
         callbacks=[TuneReport()],
         resume_from=resume_from,
+        bad_rows=setup.bad_rows,
     )
     tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(out_dir / POLICY)))

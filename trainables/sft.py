@@ -17,6 +17,7 @@ from pathlib import Path
 from ray import tune
 from transformers import TrainerCallback
 
+from ray_jobs.session import stop_on_input_error
 from vlm_posttrain.config import ModelConfig, SftConfig
 from vlm_posttrain.sft import train_trial
 
@@ -50,6 +51,7 @@ class TuneReport(TrainerCallback):
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(ckpt)))
 
 
+@stop_on_input_error
 def train_sft(config: dict, setup: SftSetup) -> None:
     out_dir = Path(tune.get_context().get_trial_dir()) / "hf"
     resume_from = None

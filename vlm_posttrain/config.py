@@ -85,8 +85,20 @@ class DataConfig:
     bad_rows: Literal["skip", "fail"] = "skip"
     synthetic_image_size: int = 128
     synthetic_turns: int = 1
+    # The data stage downscales (once, Lanczos, re-encoded as PNG) any image whose SHORT side is over this
+    # many pixels to exactly this short side; images within it keep their bytes. LLaVA-1.5's processor
+    # resizes the short side to 336 and centre-crops 336 x 336, so from 4 x 336 = 1344 down its input is
+    # the same (both resizes antialias), while a 12000 x 9000 chart (108 MP, 324 MB decoded) becomes
+    # 1792 x 1344 (7 MB) for every later stage; 1344 is also the largest side LLaVA-NeXT's any-resolution
+    # grids use. 0: no downscale. Images over vlm_posttrain.data.MAX_IMAGE_PIXELS are refused either way.
+    max_image_side: int = 1344
 
     def validate(self) -> None:
+        if self.max_image_side != 0 and self.max_image_side < 336:
+            raise ValueError(
+                "max_image_side: must be 0 (no downscale) or >= 336 (LLaVA-1.5's input side; a smaller "
+                "bound would change what the model sees)"
+            )
         if self.source != "synthetic" and not self.path:
             raise ValueError(
                 f"path: data.source '{self.source}' needs data.path (a folder, parquet or dataset)"
@@ -195,6 +207,9 @@ class PairsConfig:
     tie_margin: float = 0.1
     # Critic judge: tokens the critic may write for its verdict and reasoning.
     critic_max_new_tokens: int = 256
+    # The stage warns when fewer than this share of its prompts keep a pair (DPO would learn from few).
+    # Not part of the artifact's hash, like the execution settings below.
+    warn_kept_below: float = 0.25
     # Execution only (not part of the artifact's hash): actors per pool (one generator pool, one judge
     # pool), prompts per batch (and model inputs per judge forward), resources of each actor.
     actors: int = 1
@@ -218,6 +233,8 @@ class PairsConfig:
             raise ValueError("limit: must be >= 0 (0 uses every train prompt)")
         if self.tie_margin < 0:
             raise ValueError("tie_margin: must be >= 0")
+        if not 0.0 <= self.warn_kept_below <= 1.0:
+            raise ValueError("warn_kept_below: must be in [0, 1] (a share of the prompts)")
         if self.num_cpus <= 0:
             raise ValueError("num_cpus: must be > 0")
         if not 0.0 <= self.num_gpus <= 8:
@@ -225,7 +242,7 @@ class PairsConfig:
 
     def section(self) -> dict[str, Any]:
         """The settings that decide the artifact's content (its hash): resources and concurrency left out."""
-        skip = {"actors", "batch_size", "num_cpus", "num_gpus"}
+        skip = {"actors", "batch_size", "num_cpus", "num_gpus", "warn_kept_below"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
 

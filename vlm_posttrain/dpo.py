@@ -20,7 +20,6 @@ policy (soup + DPO update), loadable with ``PeftModel.from_pretrained(base, dir)
 
 from __future__ import annotations
 
-import io
 import json
 import math
 from collections.abc import Sequence
@@ -40,7 +39,7 @@ from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
 
 from vlm_posttrain import modeling, prompts
 from vlm_posttrain.config import DpoConfig, ModelConfig
-from vlm_posttrain.data import DataError
+from vlm_posttrain.data import DataError, Rejects, decode_image
 from vlm_posttrain.sft import image_token_count
 
 PAIR_COLUMNS = ("images", "prompt", "chosen", "rejected")
@@ -128,12 +127,10 @@ def structured(messages: list[dict], n_images: int) -> list[dict]:
 
 
 def decode_pair_image(value: Any) -> Image.Image:
-    """One entry of ``images``: raw bytes, a ``{bytes, path}`` struct, or a PIL image."""
-    if isinstance(value, Image.Image):
-        return value.convert("RGB")
+    """One entry of ``images`` (raw bytes, a ``{bytes, path}`` struct, or a PIL image), by data.decode_image."""
     if isinstance(value, dict):
         value = value.get("bytes") or Path(value["path"]).read_bytes()
-    return Image.open(io.BytesIO(value)).convert("RGB")
+    return decode_image(value)
 
 
 def render_pair(processor, prompt: list[dict], completion: list[dict]) -> tuple[str, str]:
@@ -174,6 +171,36 @@ def _cut(image_end: int, n_prompt: int, max_length: int) -> str:
     return "the prompt" if n_prompt > max_length else "the answer"
 
 
+def _too_long(row_id: str, n: int, n_prompt: int, image_tokens: int, max_length: int, cut: str) -> str:
+    return (
+        f"pair '{row_id}': {n} tokens (the prompt {n_prompt}, with {image_tokens} per image) exceed "
+        f"dpo.max_length={max_length} and would cut {cut}; raise dpo.max_length or set data.bad_rows=skip"
+    )
+
+
+def fit_pairs(
+    pairs_df: pd.DataFrame, processor, max_length: int, bad_rows: str
+) -> tuple[pd.DataFrame, Rejects]:
+    """The pairs that fit ``max_length`` whole (prompt with its image tokens + the longer answer). A longer
+    pair is dropped and counted as ``too_long`` under ``data.bad_rows: skip``, an error naming it under
+    ``fail``; DPO never truncates one. Run by the driver before any trial, and by the trial on the same rows."""
+    image_tokens = image_token_count(processor)
+    rejects, keep = Rejects(), []
+    for i, row in enumerate(pairs_df.to_dict("records")):
+        row_id = row.get("example_id", f"#{i}")
+        prompt = structured(_plain(row["prompt"]), len(_plain(row["images"])))
+        chosen, rejected = (structured(_plain(row[c]), 0) for c in ("chosen", "rejected"))
+        image_end, n_prompt, n = pair_length(processor, prompt, chosen, rejected, image_tokens)
+        fits = n <= max_length
+        if not fits and bad_rows == "fail":
+            cut = _cut(image_end, n_prompt, max_length)
+            raise DataError(_too_long(row_id, n, n_prompt, image_tokens, max_length, cut))
+        if not fits:
+            rejects.add("too_long", row_id)
+        keep.append(fits)
+    return pairs_df[keep].reset_index(drop=True), rejects
+
+
 def to_dpo_dataset(pairs_df: pd.DataFrame, processor, max_length: int) -> datasets.Dataset:
     """TRL's vision preference rows; fails, naming the row, when a pair would not fit ``max_length`` whole."""
     image_tokens = image_token_count(processor)
@@ -192,10 +219,7 @@ def to_dpo_dataset(pairs_df: pd.DataFrame, processor, max_length: int) -> datase
         image_end, n_prompt, n = pair_length(processor, prompt, chosen, rejected, image_tokens)
         if n > max_length:
             cut = _cut(image_end, n_prompt, max_length)
-            raise DataError(
-                f"pair '{row_id}': {n} tokens (the prompt {n_prompt}, with {image_tokens} per image) exceed "
-                f"dpo.max_length={max_length} and would cut {cut}; raise dpo.max_length"
-            )
+            raise DataError(_too_long(row_id, n, n_prompt, image_tokens, max_length, cut))
         records.append({"images": images, "prompt": prompt, "chosen": chosen, "rejected": rejected})
     return datasets.Dataset.from_list(records)
 
@@ -378,11 +402,17 @@ def train_dpo(
     seed: int,
     callbacks: Sequence[TrainerCallback] = (),
     resume_from: str | None = None,
+    bad_rows: str = "fail",
 ) -> dict:
     """One DPO run from the starting adapter; the policy lands in ``out_dir/policy/``; returns its metrics."""
     out_dir = Path(out_dir)
     processor = modeling.load_processor(str(base_dir), model_cfg.trust_remote_code)
-    train = to_dpo_dataset(load_pairs(pairs_path), processor, dpo_cfg.max_length)
+    pairs, rejects = fit_pairs(load_pairs(pairs_path), processor, dpo_cfg.max_length, bad_rows)
+    if pairs.empty:
+        raise DataError(
+            f"{find_pairs(pairs_path)}: no pair fits dpo.max_length={dpo_cfg.max_length} whole; raise it"
+        )
+    train = to_dpo_dataset(pairs, processor, dpo_cfg.max_length)
     trainer = build_trainer(
         dpo_cfg, model_cfg, base_dir, start_adapter_dir, train, processor, out_dir, seed, callbacks
     )
@@ -395,6 +425,7 @@ def train_dpo(
         "epoch": float(trainer.state.epoch or 0),
         "steps": int(trainer.state.global_step),
         "train_pairs": len(train),
+        "pairs_too_long": rejects.counts.get("too_long", 0),
         **{k: float(v) for k, v in last.items() if k.startswith(("rewards/", "logps/"))},
     }
     save_policy(trainer, out_dir / POLICY, metrics)
