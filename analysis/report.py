@@ -189,6 +189,23 @@ def best_trial_by_validation(trials: pd.DataFrame | None, variants: list[str]) -
     return BestTrial(str(best["variant"]), note)
 
 
+def _dpo_pairs_lines(manifests: pd.DataFrame) -> list[str]:
+    """Per DPO round: the pairs it trained on and those skipped as longer than dpo.max_length."""
+    if "metric/train_pairs" not in manifests:
+        return []
+    rounds = manifests[(manifests["stage"] == "dpo") & manifests["metric/train_pairs"].notna()]
+    lines = []
+    for row in rounds.to_dict("records"):
+        skipped = int(row.get("metric/pairs_too_long", 0) or 0)
+        what = (
+            f"{skipped} skipped as longer than dpo.max_length (data.bad_rows: skip)"
+            if skipped
+            else "none skipped"
+        )
+        lines.append(f"- {row['artifact']}: {int(row['metric/train_pairs'])} pairs trained, {what}")
+    return [*lines, ""] if lines else []
+
+
 def _study_section(study: SeedScores, out: Path) -> list[str]:
     table = study_table(study)
     lines = [
@@ -299,6 +316,7 @@ def write_report(
         lines += [
             "## DPO",
             "",
+            *_dpo_pairs_lines(run.manifests),
             "![DPO rewards](dpo_rewards.png)",
             "",
             _save_table(run.dpo_curves, out, "dpo"),

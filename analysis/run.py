@@ -5,7 +5,7 @@
     run.trials          # the SFT trial table (plus the soup's rows when a soup exists)
     run.curves          # every trial's reported metrics, long form (train loss per step, eval loss per epoch)
     run.evaluation      # one row per (variant, example, sample) with every judge's score
-    run.manifests       # one row per complete artifact: stage, artifact, created, timings
+    run.manifests       # one row per complete artifact: stage, artifact, created, timings, scalar metrics
 
 Each stage's table is read from its newest complete artifact (one whose manifest says ``complete``).
 Pandas only: no Ray, no torch.
@@ -71,6 +71,11 @@ def load_run(root: str | Path) -> RunTables:
                 "created": a["created"],
                 "path": str(a["folder"]),
                 **{f"timing/{k}": v for k, v in a.get("timings", {}).items()},
+                **{
+                    f"metric/{k}": v
+                    for k, v in a.get("metrics", {}).items()
+                    if isinstance(v, int | float | str | bool)
+                },
             }
             for a in artifacts
         ]

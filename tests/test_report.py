@@ -17,7 +17,7 @@ from analysis.seed_outputs import load_wide_scores, read_wide_scores
 from analysis.stats import holm, paired_permutation_pvalue
 
 
-def _artifact(root, stage, key, files: dict[str, pd.DataFrame]):
+def _artifact(root, stage, key, files: dict[str, pd.DataFrame], metrics: dict | None = None):
     folder = root / stage / f"{stage}-{key}"
     folder.mkdir(parents=True)
     for name, df in files.items():
@@ -27,6 +27,7 @@ def _artifact(root, stage, key, files: dict[str, pd.DataFrame]):
         "artifact": f"{stage}-{key}",
         "status": "complete",
         "created": "2026-11-27T10:00",
+        "metrics": metrics or {},
     }
     (folder / "manifest.json").write_text(json.dumps(manifest))
 
@@ -232,3 +233,16 @@ def test_report_on_the_study_scores(shared_data, tmp_path):
     assert len(comparison) == 6 and not comparison["significant"].any()
     summary = pd.read_csv(tmp_path / "out" / "scores_critic.csv").set_index("variant")
     assert abs(summary.loc["SFTe", "mean"] - 43.62) < 0.01
+
+
+def test_report_counts_the_dpo_pairs_skipped_as_too_long(tmp_path):
+    curve = pd.DataFrame(
+        {"round": [1, 1], "step": [1, 2], "loss": [0.69, 0.6], "rewards/margins": [0.0, 0.1]}
+    )
+    metrics = {"train_pairs": 30, "pairs_too_long": 2, "pairs_too_long_examples": {"too_long": ["a", "b"]}}
+    _artifact(tmp_path / "run", "dpo", "d", {"metrics.parquet": curve}, metrics)
+    run = load_run(tmp_path / "run")
+    assert run.manifests.loc[0, "metric/pairs_too_long"] == 2  # scalar metrics only: no dict column
+    assert "metric/pairs_too_long_examples" not in run.manifests
+    text = write_report(run, tmp_path / "out").read_text()
+    assert "- dpo-d: 30 pairs trained, 2 skipped as longer than dpo.max_length (data.bad_rows: skip)" in text
