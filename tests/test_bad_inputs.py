@@ -150,6 +150,56 @@ def test_bad_soup_input_is_refused(name, tmp_path, capsys):
     _assert_message(line, case["error"])
 
 
+def _pairs_folder(case: dict, data_dir: Path, folder: Path) -> Path:
+    """A pairs artifact folder: the case's preference rows from the tiny data, and the pairs stage's counts."""
+    import json
+
+    import pandas as pd
+
+    from vlm_posttrain import prompts
+    from vlm_posttrain.data import load_split
+
+    rows = []
+    for i, row in enumerate(load_split(data_dir, "train").head(case["pairs"]).to_dict("records")):
+        conversations = list(row["conversations"])
+        long = i < case.get("long", 0)
+        rejected = "much longer " * 300 if long else "No."
+        rows.append(
+            {
+                "images": [row["image"]],
+                "prompt": prompts.preference_prompt(conversations),
+                "chosen": prompts.preference_completion(prompts.final_answer(conversations)),
+                "rejected": prompts.preference_completion(rejected),
+                "example_id": f"long-{i}" if long else row["example_id"],
+            }
+        )
+    folder.mkdir(parents=True)
+    frame = pd.DataFrame(rows, columns=["images", "prompt", "chosen", "rejected", "example_id"])
+    frame.to_parquet(folder / "pairs.parquet", index=False)
+    diagnostics = {"ties": {"k": 30, "n": 32}, "unparsed": {"k": 2, "n": 64}}
+    metrics = {"prompts": 32, "pairs": case["pairs"], "diagnostics": diagnostics}
+    (folder / "manifest.json").write_text(json.dumps({"metrics": metrics}))
+    return folder
+
+
+@pytest.mark.parametrize("name", _cases("dpo"))
+def test_bad_preference_pairs_are_counted_or_refused_before_any_trial(
+    name, tiny_model_dir, tiny_data_dir, tiny_config, tmp_path, capsys
+):
+    from ray_jobs import dpo as dpo_job
+
+    case = CASES[name]
+    folder = _pairs_folder(case, tiny_data_dir, tmp_path / "pairs-case")
+    dpo = {"max_length": case.get("max_length", 256)}
+    if "skip" in case:
+        counts = dpo_job.check_pairs(tiny_config(dpo=dpo), str(tiny_model_dir), str(folder))
+        assert counts["pairs_too_long"] == case["skip"]["too_long"] and counts["pairs_in"] == case["pairs"]
+        capsys.readouterr()
+    cfg = tiny_config(dpo=dpo, data={"bad_rows": "fail"})
+    line = _fails(capsys, cli(dpo_job.check_pairs), cfg, str(tiny_model_dir), str(folder))
+    _assert_message(line, case["error"])
+
+
 def test_corpus_covers_every_kind_of_bad_input():
     assert set(CASES) >= {
         "corrupt_image",
@@ -167,6 +217,8 @@ def test_corpus_covers_every_kind_of_bad_input():
         "missing_adapter_folder",
         "model_path_missing",
         "hub_model_offline",
+        "dpo_no_pairs",
+        "dpo_too_long",
     }
 
 
