@@ -373,21 +373,26 @@ def grid_estimate(cfg: ExperimentConfig, model_config: Any) -> dict[str, int]:
     The sequence length is ``sft.max_length``, the worst case: the SFT stage drops longer examples, and a
     batch is padded to its longest example, so no batch is longer.
     """
-    estimates = [
-        estimate_trial_memory(
-            model_config,
-            cfg.model.load_in_4bit,
-            params["lora_r"],
-            cfg.sft.batch_size,
-            cfg.sft.max_length,
-            train_projector=params["train_projector"],
-            compute_dtype=cfg.model.compute_dtype,
-            lora_dropout=params["lora_dropout"],
-            lora_target=cfg.model.lora_target,
-        )
-        for params in cfg.sft.trials()
-    ]
+    estimates = [trial_estimate(cfg, model_config, params) for params in cfg.sft.trials()]
     return max(estimates, key=lambda e: e["total"])
+
+
+def trial_estimate(
+    cfg: ExperimentConfig, model_config: Any, params: dict, device: str = "cuda"
+) -> dict[str, int]:
+    """One grid point's estimate (``params``: a trial of ``cfg.sft.trials()``) at ``sft.max_length`` tokens."""
+    return estimate_trial_memory(
+        model_config,
+        cfg.model.load_in_4bit,
+        params["lora_r"],
+        cfg.sft.batch_size,
+        cfg.sft.max_length,
+        train_projector=params["train_projector"],
+        compute_dtype=cfg.model.compute_dtype,
+        lora_dropout=params["lora_dropout"],
+        lora_target=cfg.model.lora_target,
+        device=device,
+    )
 
 
 def gpu_share(cfg: ExperimentConfig, model_config: Any) -> tuple[float, str]:

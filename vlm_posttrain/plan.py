@@ -43,7 +43,7 @@ import pandas as pd
 from vlm_posttrain import prompts
 from vlm_posttrain.config import ExperimentConfig
 from vlm_posttrain.data import DataError, Rejects, split_rows
-from vlm_posttrain.memory import estimate_trial_memory, gpu_share
+from vlm_posttrain.memory import gpu_share, trial_estimate
 
 QUANTILES = (("p50", 50), ("p90", 90), ("p99", 99))
 LENGTH_COLUMNS = ("stage", "sequence", "rows", "min", "p50", "p90", "p99", "max", "limit", "over")
@@ -176,18 +176,7 @@ def trial_table(cfg: ExperimentConfig, model_config: Any, kept_train: int) -> pd
     device = "cpu" if cfg.resources.gpus_per_trial == 0 else "cuda"
     rows = []
     for n, params in enumerate(cfg.sft.trials(), 1):
-        est = estimate_trial_memory(
-            model_config,
-            cfg.model.load_in_4bit,
-            params["lora_r"],
-            cfg.sft.batch_size,
-            cfg.sft.max_length,
-            train_projector=params["train_projector"],
-            compute_dtype=cfg.model.compute_dtype,
-            lora_dropout=params["lora_dropout"],
-            lora_target=cfg.model.lora_target,
-            device=device,
-        )
+        est = trial_estimate(cfg, model_config, params, device)
         rows.append(
             {
                 "trial": n,
