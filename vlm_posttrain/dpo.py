@@ -9,8 +9,10 @@ Pairs come in the preference-row layout (``images``, ``prompt``, ``chosen``, ``r
 conversational vision format) and are rendered by TRL's vision collator through the processor's chat
 template, which ``modeling.load_processor`` sets to this project's LLaVA-1.5 template: the same bytes as
 SFT and evaluation. :class:`PreferenceCollator` tokenizes each answer after its prompt, so the tokens DPO
-trains are the ones SFT supervises and generation emits. A pair whose prompt (image tokens included) plus longer answer exceeds
-``dpo.max_length`` is an error, never truncated.
+trains are the ones SFT supervises and generation emits. A pair whose prompt (image tokens included) plus
+longer answer exceeds ``dpo.max_length`` is never truncated: it is skipped and counted under
+``data.bad_rows: skip``, an error under ``fail`` (:func:`fit_pairs`, which the driver also runs before any
+trial).
 
 The saved adapter (``<out_dir>/policy/adapter``) is the trained ``default`` adapter alone: the whole
 policy (soup + DPO update), loadable with ``PeftModel.from_pretrained(base, dir)``.
@@ -201,9 +203,11 @@ def fit_pairs(
     return pairs_df[keep].reset_index(drop=True), rejects
 
 
-def to_dpo_dataset(pairs_df: pd.DataFrame, processor, max_length: int) -> datasets.Dataset:
-    """TRL's vision preference rows; fails, naming the row, when a pair would not fit ``max_length`` whole."""
-    image_tokens = image_token_count(processor)
+def to_dpo_dataset(pairs_df: pd.DataFrame, processor, max_length: int | None) -> datasets.Dataset:
+    """TRL's vision preference rows. With ``max_length``, fails naming the row when a pair would not fit it
+    whole (:func:`fit_pairs` under ``fail``); ``None`` for rows :func:`fit_pairs` has already kept."""
+    if max_length is not None:
+        fit_pairs(pairs_df, processor, max_length, "fail")
     records = []
     for i, row in enumerate(pairs_df.to_dict("records")):
         row_id = row.get("example_id", f"#{i}")
@@ -216,10 +220,6 @@ def to_dpo_dataset(pairs_df: pd.DataFrame, processor, max_length: int) -> datase
                 f"pair '{row_id}': {len(images)} image(s) for {placeholders} image placeholder(s) in the "
                 "prompt; every pair needs its image in the prompt"
             )
-        image_end, n_prompt, n = pair_length(processor, prompt, chosen, rejected, image_tokens)
-        if n > max_length:
-            cut = _cut(image_end, n_prompt, max_length)
-            raise DataError(_too_long(row_id, n, n_prompt, image_tokens, max_length, cut))
         records.append({"images": images, "prompt": prompt, "chosen": chosen, "rejected": rejected})
     return datasets.Dataset.from_list(records)
 
@@ -412,7 +412,7 @@ def train_dpo(
         raise DataError(
             f"{find_pairs(pairs_path)}: no pair fits dpo.max_length={dpo_cfg.max_length} whole; raise it"
         )
-    train = to_dpo_dataset(pairs, processor, dpo_cfg.max_length)
+    train = to_dpo_dataset(pairs, processor, None)  # fit_pairs has measured every kept pair
     trainer = build_trainer(
         dpo_cfg, model_cfg, base_dir, start_adapter_dir, train, processor, out_dir, seed, callbacks
     )
