@@ -32,6 +32,13 @@ from matplotlib.textpath import TextPath
 from matplotlib.transforms import Affine2D
 
 KINDS = ("bar", "line", "pie")
+# Questions answered by reading labels and numbers (what the tiny base is tuned on, with ``kind``), and
+# questions about coarse visual features, in an answer style the tiny base has never seen (the embedded
+# default's SFT data: unseen but not out of scope).
+READING_FAMILIES = ("value", "extremes", "comparison", "summary", "trend")
+VISUAL_FAMILIES = ("kind", "chart_type", "is_type", "direction")
+FAMILIES = READING_FAMILIES + VISUAL_FAMILIES
+LINE_ONLY = ("trend", "direction")
 MIN_IMAGE_SIZE = 32
 # The smallest charts (three bars or slices) have 12 distinct questions; 8 leaves room to pick among them.
 MAX_TURNS = 8
@@ -88,15 +95,28 @@ def synthetic_charts(
     image_size: int = 128,
     turns: int = 1,
     kinds: tuple[str, ...] = KINDS,
+    families: tuple[str, ...] = READING_FAMILIES,
 ) -> list[dict]:
     """``n`` chart-QA rows in the LLaVA-OneVision schema; row ``i`` depends only on ``(seed, i)``.
 
     Each row has ``example_id``, ``image`` (PNG bytes, ``image_size`` square), ``conversations``
     (``turns`` question/answer pairs, all different questions about the same chart), ``source``
-    (``"synthetic/<kind>"``) and ``answer_type`` (that of the last answer).
+    (``"synthetic/<kind>"``) and ``answer_type`` (that of the last answer). Questions come from
+    ``families`` (those of them that apply to the chart's kind: ``trend`` and ``direction`` are line-only).
     """
     kinds = _validate(n, seed, image_size, turns, kinds)
-    return [_row(seed, i, image_size, turns, kinds) for i in range(n)]
+    families = validate_families(families, kinds)
+    return [_row(seed, i, image_size, turns, kinds, families) for i in range(n)]
+
+
+def validate_families(families, kinds) -> tuple[str, ...]:
+    families = (families,) if isinstance(families, str) else tuple(families)
+    unknown = [f for f in families if f not in FAMILIES]
+    if not families or unknown:
+        raise ValueError(f"families must be a non-empty subset of {FAMILIES}, got {families!r}")
+    if set(kinds) - {"line"} and not set(families) - set(LINE_ONLY):
+        raise ValueError(f"families {families!r} ask only about lines; add one for bar and pie charts")
+    return families
 
 
 def _validate(n, seed, image_size, turns, kinds) -> tuple[str, ...]:
@@ -117,10 +137,12 @@ def _validate(n, seed, image_size, turns, kinds) -> tuple[str, ...]:
     return kinds
 
 
-def _row(seed: int, i: int, image_size: int, turns: int, kinds: tuple[str, ...]) -> dict:
+def _row(
+    seed: int, i: int, image_size: int, turns: int, kinds: tuple[str, ...], families: tuple[str, ...]
+) -> dict:
     chart = chart_data(seed, i, kinds)
     # A separate stream for questions keeps the chart identical whatever ``turns`` is.
-    qas = pick_questions(chart, turns, np.random.default_rng([seed, i, 1]))
+    qas = pick_questions(chart, turns, np.random.default_rng([seed, i, 1]), families)
     conversations = []
     for t, qa in enumerate(qas):
         prefix = "<image>\n" if t == 0 else ""
@@ -185,26 +207,42 @@ def _line_data(rng: np.random.Generator) -> Chart:
 # ---------------------------------------------------------------- questions
 
 
-def question_pool(chart: Chart) -> dict[str, list[QA]]:
-    """Every question this module can ask about ``chart``, grouped by family, answered from the data."""
-    pool = {
-        "value": [_value_qa(chart, lab) for lab in chart.labels],
-        "extremes": [_extreme_qa(chart, highest) for highest in (True, False)],
-        "comparison": [_comparison_qa(chart, a, b) for a in chart.labels for b in chart.labels if a != b],
-        "summary": [QA("summary", "Summarize the chart in one sentence.", summarize(chart), "long_text")],
+def question_pool(chart: Chart, families: tuple[str, ...] = READING_FAMILIES) -> dict[str, list[QA]]:
+    """The questions of ``families`` this module can ask about ``chart``, by family, answered from the data."""
+    makers = {
+        "value": lambda: [_value_qa(chart, lab) for lab in chart.labels],
+        "extremes": lambda: [_extreme_qa(chart, highest) for highest in (True, False)],
+        "comparison": lambda: [
+            _comparison_qa(chart, a, b) for a in chart.labels for b in chart.labels if a != b
+        ],
+        "summary": lambda: [
+            QA("summary", "Summarize the chart in one sentence.", summarize(chart), "long_text")
+        ],
+        "trend": lambda: _trend_qas(chart),
+        "kind": lambda: [QA("kind", "What kind of chart is this?", chart.kind, "short_text")],
+        "chart_type": lambda: [
+            QA("chart_type", "What type of chart is shown?", f"A {chart.kind} chart.", "short_text")
+        ],
+        "is_type": lambda: [_is_type_qa(chart, kind) for kind in KINDS],
+        "direction": lambda: [QA("direction", "Does the line go up or down?", _up_down(chart), "short_text")],
     }
-    if chart.kind == "line":
-        pool["trend"] = _trend_qas(chart)
-    return pool
+    return {f: makers[f]() for f in families if chart.kind == "line" or f not in LINE_ONLY}
 
 
-def pick_questions(chart: Chart, turns: int, rng: np.random.Generator) -> list[QA]:
+def pick_questions(
+    chart: Chart, turns: int, rng: np.random.Generator, families: tuple[str, ...] = READING_FAMILIES
+) -> list[QA]:
     """``turns`` different questions: a family at random (among those with questions left), then one of it."""
-    pool = question_pool(chart)
+    pool = question_pool(chart, families)
+    if turns > sum(len(qas) for qas in pool.values()):
+        raise ValueError(
+            f"turns={turns}: a {chart.kind} chart has only {sum(map(len, pool.values()))} questions in "
+            f"families {families!r}; lower turns or add families"
+        )
     picked = []
     for _ in range(turns):
-        families = [f for f, qas in pool.items() if qas]
-        qas = pool[families[int(rng.integers(len(families)))]]
+        left = [f for f, qas in pool.items() if qas]
+        qas = pool[left[int(rng.integers(len(left)))]]
         picked.append(qas.pop(int(rng.integers(len(qas)))))
     return picked
 
@@ -250,6 +288,14 @@ def _trend_qas(chart: Chart) -> list[QA]:
             question = f"Does {chart.noun} increase from {years[a]} to {years[b]}?"
             qas.append(QA("trend", question, answer, "yes_no"))
     return qas
+
+
+def _is_type_qa(chart: Chart, kind: str) -> QA:
+    return QA("is_type", f"Is this a {kind} chart?", "Yes" if kind == chart.kind else "No", "yes_no")
+
+
+def _up_down(chart: Chart) -> str:
+    return "up" if chart.values[-1] > chart.values[0] else "down"
 
 
 def _direction(chart: Chart) -> str:

@@ -85,6 +85,9 @@ class DataConfig:
     bad_rows: Literal["skip", "fail"] = "skip"
     synthetic_image_size: int = 128
     synthetic_turns: int = 1
+    # Question families of the synthetic charts (vlm_posttrain.charts.FAMILIES); [] is the reading families
+    # (values, extremes, comparisons, summaries, trends), what the tiny base was tuned on.
+    synthetic_families: list = field(default_factory=list)
     # The data stage downscales (once, Lanczos, re-encoded as PNG) any image whose SHORT side is over this
     # many pixels to exactly this short side; images within it keep their bytes. LLaVA-1.5's processor
     # resizes the short side to 336 and centre-crops 336 x 336, so from 4 x 336 = 1344 down its input is
@@ -105,6 +108,13 @@ class DataConfig:
             )
         if self.source == "synthetic" and self.limit <= 0:
             raise ValueError("limit: the synthetic source needs limit > 0 (how many charts to generate)")
+        if self.synthetic_families:
+            from vlm_posttrain.charts import FAMILIES, KINDS, validate_families
+
+            try:
+                validate_families(tuple(self.synthetic_families), KINDS)
+            except ValueError as err:
+                raise ValueError(f"synthetic_families: {err}; known: {', '.join(FAMILIES)}") from None
         if self.limit < 0:
             raise ValueError("limit: must be >= 0 (0 reads every row)")
         for name in ("val_fraction", "test_fraction"):
@@ -262,6 +272,9 @@ class DpoConfig:
     logging_steps: int = 10
     warmup_ratio: float = 0.1
     weight_decay: float = 0.0
+    # Share of the pairs (by prompt, drawn with the run's seed) kept out of training: TRL evaluates the
+    # trained policy on them, so the report can say whether the preference generalises to unseen prompts.
+    holdout_fraction: float = 0.0
     # pairs -> dpo rounds; round r trains from round r-1's policy on pairs that policy generated.
     rounds: int = 1
 
@@ -274,6 +287,8 @@ class DpoConfig:
                 raise ValueError(f"{name}: must be >= 1")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError("warmup_ratio: must be in [0, 1)")
+        if not 0.0 <= self.holdout_fraction < 1.0:
+            raise ValueError("holdout_fraction: must be in [0, 1) (0 trains on every pair)")
 
     def section(self) -> dict[str, Any]:
         """The settings that decide one round's adapter (its hash): how many rounds follow is left out."""

@@ -178,10 +178,11 @@ def _read_hub_dataset(name: str, subset: str) -> Iterator[dict]:
 
 
 def read_synthetic(cfg: DataConfig, seed: int) -> Iterator[dict]:
-    from vlm_posttrain.charts import synthetic_charts
+    from vlm_posttrain.charts import READING_FAMILIES, synthetic_charts
 
+    families = tuple(cfg.synthetic_families) or READING_FAMILIES
     for row in synthetic_charts(
-        cfg.limit, seed, image_size=cfg.synthetic_image_size, turns=cfg.synthetic_turns
+        cfg.limit, seed, image_size=cfg.synthetic_image_size, turns=cfg.synthetic_turns, families=families
     ):
         yield {**row, "group": row["example_id"]}
 

@@ -145,7 +145,7 @@ def train_trial(
 
 def pretrain_full(
     base_dir: str | Path,
-    data_dir: str | Path,
+    data_dirs: Sequence[str | Path],
     out_dir: str | Path,
     epochs: float,
     seed: int,
@@ -154,7 +154,8 @@ def pretrain_full(
     """Full fine-tuning (no LoRA) of a small model: turns the random tiny LLaVA into an instruction-tuned base."""
     processor = modeling.load_processor(str(base_dir))
     model = modeling.load_base(str(base_dir), ModelConfig(name=str(base_dir)))
-    train, _ = to_sft_dataset(load_split(data_dir, "train"), processor, 10_000, "skip")
+    rows = pd.concat([load_split(d, "train") for d in data_dirs], ignore_index=True)
+    train, _ = to_sft_dataset(rows, processor, 10_000, "skip")
     # The Trainer needs an output_dir although nothing is saved there; a temporary one, removed after.
     with tempfile.TemporaryDirectory(prefix="pretrain-") as scratch:
         args = trainer_args(

@@ -140,7 +140,11 @@ def build_tiny_base(out_dir: str | Path, examples: int, epochs: float, seed: int
     """The embedded default's "Base": the tiny LLaVA instruction-tuned on synthetic charts of another seed.
 
     The study's base (LLaVA-1.5-7B) was already post-trained; a random tiny model is not, so it is first
-    fully fine-tuned on charts that the experiment's own data never contains (seed offset).
+    fully fine-tuned on ``examples`` charts (a seed the experiment's data never uses) asked "What kind of
+    chart is this?" and answered in one word ("bar", "line", "pie"). That teaches it to look at the image;
+    the families the embedded default's SFT data asks (the chart type in a new answer style, "Is this a
+    pie chart?", the line's direction) it has never seen. Mixing in the reading families (values, trends)
+    undoes the looking: their answers cannot be read from a 32 px image, so the model learns text priors.
     """
     import tempfile
 
@@ -148,18 +152,24 @@ def build_tiny_base(out_dir: str | Path, examples: int, epochs: float, seed: int
     from vlm_posttrain.data import build_splits
     from vlm_posttrain.sft import pretrain_full
 
+    # Reading rows are a sixth of the kind rows: as many of each and the base learns text priors and stops
+    # looking at the image (the reading answers cannot be read from 32 px); a sixth keeps it a chat model.
+    parts = {"kind": (examples, ["kind"]), "reading": (max(1, examples // 6), [])}
     with tempfile.TemporaryDirectory(prefix="tiny-base-") as tmp:
-        raw = build_tiny_llava(Path(tmp) / "random", seed=seed)
-        data_cfg = DataConfig(
-            source="synthetic",
-            limit=examples,
-            val_fraction=0.0,
-            test_fraction=0.0,
-            synthetic_image_size=64,
-            synthetic_turns=2,
-        )
-        build_splits(data_cfg, seed + 1_000_003, Path(tmp) / "data")
-        return pretrain_full(raw, Path(tmp) / "data", out_dir, epochs=epochs, seed=seed)
+        tmp = Path(tmp)
+        raw = build_tiny_llava(tmp / "random", seed=seed)
+        for offset, (name, (limit, families)) in enumerate(parts.items(), start=1):
+            data_cfg = DataConfig(
+                source="synthetic",
+                limit=limit,
+                val_fraction=0.0,
+                test_fraction=0.0,
+                synthetic_image_size=64,
+                synthetic_families=families,
+            )
+            build_splits(data_cfg, seed + offset * 1_000_003, tmp / name)
+        # 1e-3: at 3e-3 the base settles on one answer for every chart and never reads the image.
+        return pretrain_full(raw, [tmp / name for name in parts], out_dir, epochs=epochs, seed=seed, lr=1e-3)
 
 
 def build_tiny_critic(out_dir: str | Path, seed: int = 0) -> Path:
