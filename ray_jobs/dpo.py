@@ -91,9 +91,10 @@ def collect_policy(results, staging: Path, round_index: int) -> dict:
         curve = pd.read_parquet(Path(d) / POLICY_CURVE)
     curve.insert(0, "round", round_index)
     curve.to_parquet(staging / CURVE, index=False)
-    keep = ("train_loss", "first_loss", "epoch", "steps", "train_pairs")
+    keep = ("train_loss", "first_loss", "epoch", "steps", "train_pairs", "heldout_pairs")
     summary = {k: result.metrics[k] for k in keep if k in result.metrics}
-    summary |= {k: v for k, v in result.metrics.items() if k.startswith(("rewards/", "logps/"))}
+    prefixes = ("rewards/", "logps/", "heldout/")
+    summary |= {k: v for k, v in result.metrics.items() if k.startswith(prefixes)}
     return summary
 
 

@@ -293,6 +293,9 @@ def trainer_args(dpo: DpoConfig, out_dir: Path, seed: int, compute_dtype: str) -
     return TrlDPOConfig(
         output_dir=str(out_dir),
         per_device_train_batch_size=dpo.batch_size,
+        # TRL logs the mean of per-batch means; one pair per batch makes eval_rewards/accuracies the exact
+        # share of held-out pairs whose implicit reward margin is positive.
+        per_device_eval_batch_size=1,
         gradient_accumulation_steps=dpo.grad_accum,
         num_train_epochs=dpo.epochs,
         learning_rate=dpo.learning_rate,
@@ -341,12 +344,14 @@ def build_trainer(
     out_dir: Path,
     seed: int,
     callbacks: Sequence[TrainerCallback] = (),
+    heldout: datasets.Dataset | None = None,
 ) -> DPOTrainer:
     policy = load_policy(model_cfg, base_dir, start_adapter_dir)
     trainer = DPOTrainer(
         model=policy,
         args=trainer_args(dpo, out_dir, seed, model_cfg.compute_dtype),
         train_dataset=train,
+        eval_dataset=heldout,
         processing_class=processor,
         data_collator=PreferenceCollator(processor),
         callbacks=[ReferenceCheck(zero_margin_loss(dpo.loss_type, dpo.beta)), *callbacks],
@@ -392,6 +397,30 @@ def save_policy(trainer: DPOTrainer, folder: Path, metrics: dict) -> None:
     (folder / SUMMARY).write_text(json.dumps(metrics, indent=2))
 
 
+def split_heldout(pairs: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(train, held out): ``fraction`` of the prompts, drawn with ``seed``, with all their pairs held out."""
+    key = pairs["example_id"] if "example_id" in pairs else pairs.index.to_series()
+    prompts = key.drop_duplicates().sort_values().to_numpy()
+    n_held = int(round(fraction * len(prompts)))
+    if fraction > 0 and len(prompts) >= 2:
+        n_held = min(max(n_held, 1), len(prompts) - 1)
+    held = set(np.random.default_rng(seed).permutation(prompts)[:n_held].tolist())
+    mask = key.isin(held).to_numpy()
+    return pairs[~mask], pairs[mask]
+
+
+def heldout_metrics(trainer: DPOTrainer, n_heldout: int) -> dict:
+    """The trained policy's implicit reward on held-out pairs: the share with a positive margin, the mean."""
+    if not n_heldout:
+        return {"heldout_pairs": 0}
+    ev = trainer.evaluate()
+    return {
+        "heldout_pairs": n_heldout,
+        "heldout/margin_positive": float(ev["eval_rewards/accuracies"]),
+        "heldout/margin_mean": float(ev["eval_rewards/margins"]),
+    }
+
+
 def train_dpo(
     dpo_cfg: DpoConfig,
     model_cfg: ModelConfig,
@@ -412,9 +441,12 @@ def train_dpo(
         raise DataError(
             f"{find_pairs(pairs_path)}: no pair fits dpo.max_length={dpo_cfg.max_length} whole; raise it"
         )
-    train = to_dpo_dataset(pairs, processor, None)  # fit_pairs has measured every kept pair
+    train_df, held_df = split_heldout(pairs, dpo_cfg.holdout_fraction, seed)
+    # fit_pairs has measured every kept pair
+    train = to_dpo_dataset(train_df, processor, None)
+    heldout = to_dpo_dataset(held_df, processor, None) if len(held_df) else None
     trainer = build_trainer(
-        dpo_cfg, model_cfg, base_dir, start_adapter_dir, train, processor, out_dir, seed, callbacks
+        dpo_cfg, model_cfg, base_dir, start_adapter_dir, train, processor, out_dir, seed, callbacks, heldout
     )
     result = trainer.train(resume_from_checkpoint=resume_from)
     curve = learning_curve(trainer.state.log_history)
@@ -427,6 +459,7 @@ def train_dpo(
         "train_pairs": len(train),
         "pairs_too_long": rejects.counts.get("too_long", 0),
         **{k: float(v) for k, v in last.items() if k.startswith(("rewards/", "logps/"))},
+        **heldout_metrics(trainer, len(held_df)),
     }
     save_policy(trainer, out_dir / POLICY, metrics)
     return metrics
