@@ -4,6 +4,9 @@ and every table as CSV and parquet, all linked from the report.
     from analysis.report import write_report
     write_report(load_run("runs/tiny"), "runs/tiny/report/latest")
 
+The report opens with a summary: per score column, each variant's mean and 95% interval, its verdict and
+paired difference against the baseline, the best SFT trial by validation loss marked, and the number of test
+examples; its numbers are the evaluation section's own (`evaluation_numbers`, computed once).
 Sections appear for whatever the run has: trials and learning curves (sft, soup), preference-pair
 diagnostics (pairs), DPO reward margins (dpo), and per-variant scores with 95% bootstrap intervals and
 paired tests against the base and against the best SFT trial (eval), and, given `study=`, the original
@@ -29,6 +32,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+import scipy.stats  # noqa: E402
 
 from analysis.run import RunTables  # noqa: E402
 from analysis.seed_outputs import SeedScores, study_notes, study_table  # noqa: E402
@@ -203,7 +207,23 @@ def _dpo_pairs_lines(manifests: pd.DataFrame) -> list[str]:
             else "none skipped"
         )
         lines.append(f"- {row['artifact']}: {int(row['metric/train_pairs'])} pairs trained, {what}")
+        lines += _heldout_lines(row)
     return [*lines, ""] if lines else []
+
+
+def _heldout_lines(row: dict) -> list[str]:
+    """Whether the trained preference holds on pairs whose prompts DPO never saw (dpo.holdout_fraction)."""
+    n = int(row.get("metric/heldout_pairs", 0) or 0)
+    if not n:
+        return []
+    share = float(row["metric/heldout/margin_positive"])
+    k = int(round(share * n))
+    ci = scipy.stats.binomtest(k, n).proportion_ci(method="wilson")
+    return [
+        f"  - held out: {n} pairs on unseen prompts; the policy's implicit reward margin (chosen over "
+        f"rejected, against the starting adapter) is positive on {k} ({share:.0%}, 95% CI "
+        f"{ci.low:.0%}-{ci.high:.0%}), mean margin {float(row['metric/heldout/margin_mean']):.3f}"
+    ]
 
 
 def _study_section(study: SeedScores, out: Path) -> list[str]:
@@ -224,15 +244,114 @@ def _study_section(study: SeedScores, out: Path) -> list[str]:
     return lines
 
 
-def _eval_section(
-    evaluation: pd.DataFrame, trials: pd.DataFrame | None, out: Path, baseline: str
-) -> list[str]:
-    lines = ["## Evaluation", ""]
+@dataclass(frozen=True)
+class ScoreNumbers:
+    """One score column's numbers: the per-variant summary and the paired comparisons, by reference variant."""
+
+    score_col: str
+    summary: pd.DataFrame
+    # reference variant -> (its role in the report's wording, compare_variants against it)
+    comparisons: dict[str, tuple[str, pd.DataFrame]]
+
+
+@dataclass(frozen=True)
+class EvalNumbers:
+    """Everything the summary and the evaluation section print, computed once by `evaluation_numbers`."""
+
+    baseline: str
+    best: BestTrial
+    scores: list[ScoreNumbers]
+
+
+def evaluation_numbers(evaluation: pd.DataFrame, trials: pd.DataFrame | None, baseline: str) -> EvalNumbers:
+    """Per score column: summarize_variants, and compare_variants against the baseline and the best trial."""
     best = best_trial_by_validation(trials, list(pd.unique(evaluation["variant"])))
-    lines += [best.note, ""]
+    scores = []
     for score_col in [c for c in evaluation.columns if c.endswith(SCORE_SUFFIX)]:
-        judge = score_col.removesuffix(SCORE_SUFFIX).replace("/", "_")
         summary = summarize_variants(evaluation, score_col)
+        variants = list(summary["variant"])
+        references = {baseline: "the baseline"} if baseline in variants else {}
+        if best.variant is not None and best.variant != baseline:
+            references[best.variant] = "the best trial, chosen by validation loss"
+        comparisons = {
+            ref: (role, compare_variants(evaluation, score_col, baseline=ref))
+            for ref, role in references.items()
+        }
+        scores.append(ScoreNumbers(score_col, summary, comparisons))
+    return EvalNumbers(baseline, best, scores)
+
+
+def _interval(lo: float, hi: float) -> str:
+    return f"{lo:.1f}\u2013{hi:.1f}" if pd.notna(lo) and pd.notna(hi) else "\u2014"
+
+
+def _difference(diff: float, lo: float, hi: float) -> str:
+    return f"{diff:+.1f} [{lo:.1f}, {hi:.1f}]" if pd.notna(diff) else "\u2014"
+
+
+def summary_table(numbers: ScoreNumbers, baseline: str, best: str | None) -> pd.DataFrame:
+    """The summary's table for one score column: variant, mean, 95% interval, verdict and difference vs baseline.
+
+    Every number comes from `numbers` (the evaluation section's own tables); the best SFT trial by validation
+    loss is marked in its variant name. Without the baseline among the variants, verdict and difference are "—".
+    """
+    vs = numbers.comparisons.get(baseline)
+    paired = vs[1].set_index("variant") if vs is not None and len(vs[1]) else pd.DataFrame()
+    rows = []
+    for row in numbers.summary.itertuples(index=False):
+        variant = str(row.variant)
+        if variant == baseline and vs is not None:
+            verdict, difference = "baseline", "\u2014"
+        elif variant in paired.index:
+            pair = paired.loc[variant]
+            verdict, difference = (
+                str(pair["verdict"]),
+                _difference(pair["diff"], pair["ci_lo"], pair["ci_hi"]),
+            )
+        else:
+            verdict, difference = "\u2014", "\u2014"
+        rows.append(
+            {
+                "variant": variant + (" (best SFT trial by val loss)" if variant == best else ""),
+                "mean": f"{row.mean:.1f}" if pd.notna(row.mean) else "\u2014",
+                "95% interval": _interval(row.ci_lo, row.ci_hi),
+                f"verdict vs {baseline}": verdict,
+                f"difference vs {baseline} [95% CI]": difference,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _examples_line(numbers: ScoreNumbers, baseline: str) -> str:
+    counts = sorted({int(n) for n in numbers.summary["n_examples"]})
+    n = str(counts[0]) if len(counts) == 1 else f"{counts[0]}\u2013{counts[-1]}"
+    return (
+        f"n = {n} test examples per variant (examples with a score); interval: 95% bootstrap over examples; "
+        f"difference: paired on examples, minus {baseline}; verdict: sign-flip test, Holm-adjusted, alpha 0.05."
+    )
+
+
+def _summary_section(numbers: EvalNumbers | None) -> list[str]:
+    lines = ["## Summary", ""]
+    if numbers is None:
+        return [*lines, "No evaluation data in this run: nothing to summarize.", ""]
+    scored = [s for s in numbers.scores if len(s.summary)]
+    if not scored:
+        return [*lines, f"No evaluation data in this run: no scored column (`*{SCORE_SUFFIX}`).", ""]
+    best = numbers.best.variant
+    for score in scored:
+        table = summary_table(score, numbers.baseline, best)
+        # Cells are text already formatted (one decimal): no numeric re-parsing by tabulate.
+        shown = table.to_markdown(index=False, disable_numparse=True)
+        lines += [f"### {score.score_col}", "", shown, "", _examples_line(score, numbers.baseline), ""]
+    return lines
+
+
+def _eval_section(numbers: EvalNumbers, out: Path) -> list[str]:
+    lines = ["## Evaluation", "", numbers.best.note, ""]
+    for score in numbers.scores:
+        score_col, summary = score.score_col, score.summary
+        judge = score_col.removesuffix(SCORE_SUFFIX).replace("/", "_")
         lines += [
             f"### {score_col}: mean per variant with 95% bootstrap interval",
             "",
@@ -242,12 +361,7 @@ def _eval_section(
         lines += [_save_table(summary, out, f"scores_{judge}"), ""]
         plot_scores(summary, out / f"scores_{judge}.png", score_col)
         lines += [f"![scores]({f'scores_{judge}.png'})", ""]
-        variants = list(summary["variant"])
-        references = {baseline: "the baseline"} if baseline in variants else {}
-        if best.variant is not None and best.variant != baseline:
-            references[best.variant] = "the best trial, chosen by validation loss"
-        for ref, role in references.items():
-            comparison = compare_variants(evaluation, score_col, baseline=ref)
+        for ref, (role, comparison) in score.comparisons.items():
             name = f"compare_{judge}_vs_{str(ref).replace('/', '_')}"
             lines += [
                 f"### Paired differences against {ref} ({role}; bootstrap CI, sign-flip p, Holm-adjusted)",
@@ -303,7 +417,8 @@ def write_report(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    lines = [f"# Report: {run.root}", ""]
+    numbers = evaluation_numbers(run.evaluation, run.trials, baseline) if run.evaluation is not None else None
+    lines = [f"# Report: {run.root}", "", *_summary_section(numbers)]
     if len(run.manifests):
         lines += ["## Artifacts", "", _md(run.manifests[["stage", "artifact", "created"]]), ""]
     if run.trials is not None:
@@ -324,8 +439,8 @@ def write_report(
         ]
     if study is not None:
         lines += _study_section(study, out)
-    if run.evaluation is not None:
-        lines += _eval_section(run.evaluation, run.trials, out, baseline)
+    if numbers is not None:
+        lines += _eval_section(numbers, out)
         lines += _effects_section(run, out)
     path = out / "report.md"
     path.write_text("\n".join(lines))

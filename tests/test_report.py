@@ -14,7 +14,7 @@ import pytest
 from analysis.report import best_trial_by_validation, write_report
 from analysis.run import load_run
 from analysis.seed_outputs import load_wide_scores, read_wide_scores
-from analysis.stats import holm, paired_permutation_pvalue
+from analysis.stats import compare_variants, holm, paired_permutation_pvalue, summarize_variants
 
 
 def _artifact(root, stage, key, files: dict[str, pd.DataFrame], metrics: dict | None = None):
@@ -105,6 +105,69 @@ def test_report_from_fake_run(tmp_path):
     assert alpha.diff == pytest.approx(29, abs=3) and alpha.diff_ci_lo > 0
     agreement = pd.read_csv(tmp_path / "out" / "judge_agreement.csv")
     assert agreement.loc[0, "n"] == 108 and agreement.loc[0, "spearman"] > 0.9
+
+
+def _section(text: str, heading: str) -> str:
+    """The text of a level-2 section, from its heading to the next level-2 heading."""
+    start = text.index(f"\n{heading}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end >= 0 else len(text)]
+
+
+def _md_table(text: str, heading: str) -> list[dict[str, str]]:
+    """The rows (header -> cell) of the first markdown table after the line `heading`."""
+    lines = text[text.index(f"\n{heading}\n") + 1 :].splitlines()[2:]  # past the heading and a blank line
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines[: lines.index("")]]
+    header, body = rows[0], rows[2:]  # rows[1] is the alignment line
+    return [dict(zip(header, row, strict=True)) for row in body]
+
+
+def test_report_opens_with_a_summary_of_the_evaluation(tmp_path):
+    evaluation = _fake_evaluation()
+    _fake_run(tmp_path / "run", evaluation)
+    text = write_report(load_run(tmp_path / "run"), tmp_path / "out").read_text()
+    assert text.splitlines()[2] == "## Summary"  # right after the title line and its blank line
+    assert text.index("## Summary") < text.index("## Artifacts") < text.index("## Evaluation")
+    summary, evaluated = _section(text, "## Summary"), _section(text, "## Evaluation")
+    best = "sft/t0 (best SFT trial by val loss)"
+    for score_col in ["reference/score", "critic/score"]:
+        rows = {r["variant"]: r for r in _md_table(summary, f"### {score_col}")}
+        assert list(rows) == ["base", best, "sft/t1"]  # one row per variant, the best trial marked
+        assert rows["base"]["verdict vs base"] == "baseline"
+        # The evaluation section's tables for this score column (its means, its paired differences vs base).
+        block = evaluated[evaluated.index(f"\n### {score_col}: mean per variant") :]
+        means = {r["variant"]: float(r["mean"]) for r in _md_table(block, block.splitlines()[1])}
+        heading = (
+            "### Paired differences against base (the baseline; bootstrap CI, sign-flip p, Holm-adjusted)"
+        )
+        vs_base = {r["variant"]: r for r in _md_table(block, heading)}
+        stats = summarize_variants(evaluation, score_col).set_index("variant")
+        paired = compare_variants(evaluation, score_col, baseline="base").set_index("variant")
+        for variant in ["base", "sft/t0", "sft/t1"]:
+            row = rows[best if variant == "sft/t0" else variant]
+            assert row["mean"] == f"{stats.loc[variant, 'mean']:.1f}"
+            assert float(row["mean"]) == pytest.approx(means[variant], abs=0.05 + 1e-9)
+            lo, hi = stats.loc[variant, ["ci_lo", "ci_hi"]]
+            assert row["95% interval"] == f"{lo:.1f}\u2013{hi:.1f}"
+            if variant == "base":
+                continue
+            assert row["verdict vs base"] == paired.loc[variant, "verdict"] == vs_base[variant]["verdict"]
+            diff, lo, hi = paired.loc[variant, ["diff", "ci_lo", "ci_hi"]]
+            assert row["difference vs base [95% CI]"] == f"{diff:+.1f} [{lo:.1f}, {hi:.1f}]"
+            assert float(vs_base[variant]["diff"]) == pytest.approx(diff, abs=5e-4)
+        assert rows[best]["verdict vs base"] == "better"
+        assert rows["sft/t1"]["verdict vs base"] == "tied with base"
+    assert "n = 40 test examples per variant" in summary  # reference/score: every example scored
+    assert "n = 36 test examples per variant" in summary  # critic/score: every tenth example unscored
+
+
+def test_summary_without_evaluation_says_so_in_one_line(tmp_path):
+    curve = pd.DataFrame({"round": [1], "step": [1], "loss": [0.69], "rewards/margins": [0.0]})
+    _artifact(tmp_path / "run", "dpo", "d", {"metrics.parquet": curve}, {"train_pairs": 3})
+    text = write_report(load_run(tmp_path / "run"), tmp_path / "out").read_text()
+    summary = _section(text, "## Summary").strip().splitlines()
+    assert summary == ["## Summary", "", "No evaluation data in this run: nothing to summarize."]
+    assert text.index("## Summary") < text.index("## Artifacts")
 
 
 def test_best_trial_is_the_lowest_validation_loss_even_with_the_worst_test_score(tmp_path):
