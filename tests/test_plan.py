@@ -86,7 +86,7 @@ def test_tiny_plan(tiny_config, capsys):
     assert f"total: {per_epoch * 6} optimizer steps" in out
     # Generation work: pairs.limit prompts x k x new tokens; eval: test rows x (base + 4 trials + soup + dpo).
     p, e = cfg.pairs, cfg.eval
-    prompts_n = min(p.limit, len(by_split["train"]))
+    prompts_n = min(p.limit, len(by_split["train"])) if p.limit else len(by_split["train"])  # 0: all
     assert f"{prompts_n} prompts x {p.k} samples x {p.max_new_tokens} new tokens" in out
     assert f"= {prompts_n * math.comb(p.k, 2) * 2:,} judge calls" in out
     answers = len(by_split["test"]) * 7
