@@ -39,6 +39,7 @@ SMALL = [
     "model.tiny_pretrain_epochs=1",
     "data.limit=40",
     "sft.epochs=3",
+    "sft.grid.lora_dropout=[0.05]",
     "sft.batch_size=2",
     "resources.max_concurrent_trials=2",
     "resources.max_failures=1",

@@ -333,7 +333,14 @@ def test_dpo_runs_as_a_tune_trial_and_skips_when_done(setup, tiny_model_dir, tin
     from ray_jobs import dpo as dpo_job
 
     cfg = tiny_config(
-        dpo={"batch_size": 4, "learning_rate": 1e-2, "warmup_ratio": 0.0}, resources={"cpus_per_trial": 1}
+        dpo={
+            "batch_size": 4,
+            "learning_rate": 1e-2,
+            "warmup_ratio": 0.0,
+            "epochs": 1,
+            "holdout_fraction": 0.0,
+        },
+        resources={"cpus_per_trial": 1},
     )
     store = dpo_job.RunStore(cfg.run.root)
     # One pair too long for dpo.max_length (256): under data.bad_rows: skip it is counted, the rest train.

@@ -423,7 +423,7 @@ def test_ray_data_stage_publishes_pairs(tiny_config, tiny_model_dir, tiny_data_d
     lora = modeling.lora_config(4, 8, 0.0, ModelConfig("x").lora_target, False)
     modeling.attach_lora(base, lora, seed=0).save_pretrained(str(tmp_path / "adapter"))
     cfg = tiny_config(
-        pairs={"limit": 4, "batch_size": 2, "max_new_tokens": 4, "num_cpus": 1, "tie_margin": 0.0}
+        pairs={"limit": 4, "k": 2, "batch_size": 2, "max_new_tokens": 4, "num_cpus": 1, "tie_margin": 0.0}
     )
     store = pairs_job.RunStore(cfg.run.root)
     args = (cfg, store, str(tiny_model_dir), str(tiny_data_dir), str(tmp_path / "adapter"))

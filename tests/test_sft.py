@@ -163,7 +163,10 @@ def test_an_input_problem_inside_a_trial_ends_the_run_in_one_line_without_a_retr
     from ray_jobs import sft as sft_job
     from ray_jobs.session import INPUT_ERROR, InputError, cli
 
-    cfg = tiny_config(sft={"max_length": 8}, resources={"cpus_per_trial": 1, "max_failures": 2})
+    cfg = tiny_config(
+        sft={"max_length": 8, "grid": {"lora_alpha": [16, 8]}},
+        resources={"cpus_per_trial": 1, "max_failures": 2},
+    )
     store = sft_job.RunStore(cfg.run.root)
     ray.init(num_cpus=1, include_dashboard=False, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
     try:
