@@ -137,14 +137,17 @@ def build_tiny_llava(out_dir: str | Path, seed: int = 0) -> Path:
 
 
 def build_tiny_base(out_dir: str | Path, examples: int, epochs: float, seed: int) -> dict:
-    """The embedded default's "Base": the tiny LLaVA instruction-tuned on synthetic charts of another seed.
+    """The embedded default's "Base": the tiny LLaVA instruction-tuned on synthetic charts of other seeds.
 
     The study's base (LLaVA-1.5-7B) was already post-trained; a random tiny model is not, so it is first
-    fully fine-tuned on ``examples`` charts (a seed the experiment's data never uses) asked "What kind of
-    chart is this?" and answered in one word ("bar", "line", "pie"). That teaches it to look at the image;
-    the families the embedded default's SFT data asks (the chart type in a new answer style, "Is this a
-    pie chart?", the line's direction) it has never seen. Mixing in the reading families (values, trends)
-    undoes the looking: their answers cannot be read from a 32 px image, so the model learns text priors.
+    fully fine-tuned on charts the experiment's own data never contains (seed offsets): ``examples`` asked
+    "What kind of chart is this?" (one word: "bar", "line", "pie"), ``examples`` asked for a one-sentence
+    summary and a quarter as many yes/no comparisons. Kind questions teach it to look at the image;
+    summaries (a template whose first words name the kind) keep it a model that writes varied text;
+    comparisons teach "Yes" and "No". The value, extreme and trend questions are left out on purpose: their
+    answers cannot be read from a 32 px image, and with them the base learns text priors and stops looking.
+    The families of the embedded default's SFT data (the chart type in a new answer style, "Is this a pie
+    chart?", the line's direction) are never asked.
     """
     import tempfile
 
@@ -152,24 +155,22 @@ def build_tiny_base(out_dir: str | Path, examples: int, epochs: float, seed: int
     from vlm_posttrain.data import build_splits
     from vlm_posttrain.sft import pretrain_full
 
-    # Reading rows are a sixth of the kind rows: as many of each and the base learns text priors and stops
-    # looking at the image (the reading answers cannot be read from 32 px); a sixth keeps it a chat model.
-    parts = {"kind": (examples, ["kind"]), "reading": (max(1, examples // 6), [])}
+    parts = {"kind": examples, "summary": examples, "comparison": max(1, examples // 4)}
     with tempfile.TemporaryDirectory(prefix="tiny-base-") as tmp:
         tmp = Path(tmp)
         raw = build_tiny_llava(tmp / "random", seed=seed)
-        for offset, (name, (limit, families)) in enumerate(parts.items(), start=1):
+        for offset, (family, limit) in enumerate(parts.items(), start=1):
             data_cfg = DataConfig(
                 source="synthetic",
                 limit=limit,
                 val_fraction=0.0,
                 test_fraction=0.0,
                 synthetic_image_size=64,
-                synthetic_families=families,
+                synthetic_families=[family],
             )
-            build_splits(data_cfg, seed + offset * 1_000_003, tmp / name)
+            build_splits(data_cfg, seed + offset * 1_000_003, tmp / family)
         # 1e-3: at 3e-3 the base settles on one answer for every chart and never reads the image.
-        return pretrain_full(raw, [tmp / name for name in parts], out_dir, epochs=epochs, seed=seed, lr=1e-3)
+        return pretrain_full(raw, [tmp / f for f in parts], out_dir, epochs=epochs, seed=seed, lr=1e-3)
 
 
 def build_tiny_critic(out_dir: str | Path, seed: int = 0) -> Path:
