@@ -6,7 +6,7 @@ caches and the OS page cache stay warm. Memory is sampled every ``--interval`` s
 over the driver and all its descendants (``/proc/<pid>/smaps_rollup``): PSS splits shared pages (torch's
 libraries mapped by every worker, Ray's shared-memory object store) between the processes that map them,
 so the sum is the memory the run really holds; the sum of RSS, which counts shared pages once per process,
-is reported beside it. Goal on 2 CPUs: under 5 minutes and under 6 GB.
+is reported beside it. Goal on 2 CPUs: under 4 minutes and under 6 GB.
 
     python -m benchmarks.pipeline [--repeats 1] [--interval 0.5] [--out FILE] [-- extra overrides]
 """
@@ -27,7 +27,7 @@ if __package__ in (None, ""):
 
 from benchmarks.common import REPO, median, offline_env, parser, print_table, report
 
-GOAL_S, GOAL_GB = 300, 6.0
+GOAL_S, GOAL_GB = 240, 6.0
 STAGE_DONE = re.compile(r"\[(\w+)\] done in ([0-9.]+)s")
 
 
