@@ -263,6 +263,25 @@ class EvalNumbers:
     scores: list[ScoreNumbers]
 
 
+DPO_START = "DPO's starting policy: did DPO help, hurt or tie"
+
+
+def changed_answers(evaluation: pd.DataFrame, reference: str) -> list[str]:
+    """Per DPO variant: on how many test prompts its greedy answer differs from ``reference``'s."""
+    if "answer" not in evaluation:
+        return []
+    keys = [c for c in ("system_prompt", "example_id", "sample") if c in evaluation]
+    answers = evaluation.pivot_table(index=keys, columns="variant", values="answer", aggfunc="first")
+    lines = []
+    for variant in [v for v in answers.columns if str(v).startswith("dpo/")]:
+        both = answers[[variant, reference]].dropna()
+        k, n = int((both[variant] != both[reference]).sum()), len(both)
+        lines.append(
+            f"- {variant} answers differently from {reference} on {k} of {n} test prompts ({k / n:.0%})"
+        )
+    return [*lines, ""] if lines else []
+
+
 def evaluation_numbers(evaluation: pd.DataFrame, trials: pd.DataFrame | None, baseline: str) -> EvalNumbers:
     """Per score column: summarize_variants, and compare_variants against the baseline and the best trial."""
     best = best_trial_by_validation(trials, list(pd.unique(evaluation["variant"])))
@@ -273,6 +292,9 @@ def evaluation_numbers(evaluation: pd.DataFrame, trials: pd.DataFrame | None, ba
         references = {baseline: "the baseline"} if baseline in variants else {}
         if best.variant is not None and best.variant != baseline:
             references[best.variant] = "the best trial, chosen by validation loss"
+        soups = [v for v in variants if v.startswith("soup/")]
+        if soups and any(v.startswith("dpo/") for v in variants):
+            references.setdefault(soups[0], DPO_START)
         comparisons = {
             ref: (role, compare_variants(evaluation, score_col, baseline=ref))
             for ref, role in references.items()
@@ -347,7 +369,7 @@ def _summary_section(numbers: EvalNumbers | None) -> list[str]:
     return lines
 
 
-def _eval_section(numbers: EvalNumbers, out: Path) -> list[str]:
+def _eval_section(numbers: EvalNumbers, evaluation: pd.DataFrame, out: Path) -> list[str]:
     lines = ["## Evaluation", "", numbers.best.note, ""]
     for score in numbers.scores:
         score_col, summary = score.score_col, score.summary
@@ -371,6 +393,8 @@ def _eval_section(numbers: EvalNumbers, out: Path) -> list[str]:
             lines += [_md(comparison[shown], ".3f"), "", _save_table(comparison, out, name), ""]
             plot_differences(comparison, out / f"{name}.png")
             lines += [f"![differences]({name}.png)", ""]
+            if role == DPO_START:
+                lines += changed_answers(evaluation, ref)
     return lines
 
 
@@ -440,7 +464,7 @@ def write_report(
     if study is not None:
         lines += _study_section(study, out)
     if numbers is not None:
-        lines += _eval_section(numbers, out)
+        lines += _eval_section(numbers, run.evaluation, out)
         lines += _effects_section(run, out)
     path = out / "report.md"
     path.write_text("\n".join(lines))

@@ -309,3 +309,16 @@ def test_report_counts_the_dpo_pairs_skipped_as_too_long(tmp_path):
     assert "metric/pairs_too_long_examples" not in run.manifests
     text = write_report(run, tmp_path / "out").read_text()
     assert "- dpo-d: 30 pairs trained, 2 skipped as longer than dpo.max_length (data.bad_rows: skip)" in text
+
+
+def test_changed_answers_counts_the_prompts_where_dpo_answers_differently_from_the_soup():
+    from analysis.report import changed_answers
+
+    rows = [("soup/s", "a", "x"), ("soup/s", "b", "y"), ("soup/s", "c", "z"), ("dpo/round1", "a", "x")]
+    rows += [("dpo/round1", "b", "Y"), ("dpo/round1", "c", "w"), ("base", "a", "q")]
+    evaluation = pd.DataFrame(rows, columns=["variant", "example_id", "answer"]).assign(sample=0)
+    assert changed_answers(evaluation, "soup/s") == [
+        "- dpo/round1 answers differently from soup/s on 2 of 3 test prompts (67%)",
+        "",
+    ]
+    assert changed_answers(evaluation.drop(columns="answer"), "soup/s") == []
