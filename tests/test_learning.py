@@ -4,7 +4,9 @@ The tiny base (``tiny.build_tiny_base``) never saw the families of ``configs/tin
 type in a new answer style, "Is this a pie chart?", the line's direction); one SFT trial of that config's
 first grid point must beat it on the reference score with a paired 95% interval above 0. Two negative
 controls show the assertion can fail: the study's own fault (labels shifted by one token, so every token
-is trained to predict itself) and an adapter left detached at evaluation both leave no gain.
+is trained to predict itself) and an adapter left detached at evaluation both leave no gain. DPO from
+that trial, on (reference answer, base answer) pairs, must prefer the reference on more than half of the
+pairs whose prompts it held out.
 
     python -m pytest -q tests/test_learning.py
 """
@@ -14,11 +16,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from analysis.stats import paired_bootstrap_ci
-from vlm_posttrain import modeling, prompts
+from vlm_posttrain import dpo, modeling, prompts
 from vlm_posttrain import sft as sft_stage
 from vlm_posttrain.config import ModelConfig, load_config
 from vlm_posttrain.data import build_splits, decode_image, load_split
@@ -49,13 +52,18 @@ def _train(cfg, root: Path, name: str) -> Path:
     return max(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
 
 
+def _answers(root: Path, adapter: Path | None, split: str = "test") -> list[str]:
+    rows = load_split(root / "data", split)
+    gen = Generator.load(root / "base", ModelConfig(name=str(root / "base")), adapter)
+    texts = [gen.prompt(list(c)) for c in rows["conversations"]]
+    images = [decode_image(b) for b in rows["image"]]
+    greedy = Sampling(temperature=0.0, max_new_tokens=24)
+    return [t[0] for t in gen.generate(images, texts, sampling=greedy).texts]
+
+
 def _scores(root: Path, adapter: Path | None) -> np.ndarray:
     test = load_split(root / "data", "test")
-    gen = Generator.load(root / "base", ModelConfig(name=str(root / "base")), adapter)
-    texts = [gen.prompt(list(c)) for c in test["conversations"]]
-    images = [decode_image(b) for b in test["image"]]
-    greedy = Sampling(temperature=0.0, max_new_tokens=24)
-    answers = [t[0] for t in gen.generate(images, texts, sampling=greedy).texts]
+    answers = _answers(root, adapter)
     refs = [prompts.final_answer(list(c)) for c in test["conversations"]]
     return np.array(
         [score_reference(a, r, t) for a, r, t in zip(answers, refs, test["answer_type"], strict=True)]
@@ -116,3 +124,31 @@ def test_control_labels_shifted_by_one_token_shows_no_gain(world, base_scores, m
     shifted = _train(*world, "sft-shifted")
     gain = paired_bootstrap_ci(_scores(world[1], shifted), base_scores)
     assert gain.lo <= 0, f"shifted labels still gained {gain.mean:.1f} [{gain.lo:.1f}, {gain.hi:.1f}]"
+
+
+def test_dpo_prefers_the_chosen_answer_on_held_out_prompts(world, trained):
+    """DPO from the SFT adapter on (reference answer, the base's answer) pairs: the implicit reward margin is
+    positive on more than half of the pairs whose prompts it never trained on (dpo.holdout_fraction)."""
+    cfg, root = world
+    train = load_split(root / "data", "train").head(96)
+    rows = []
+    for row, base_answer in zip(train.to_dict("records"), _answers(root, None, "train")[:96], strict=True):
+        reference = prompts.final_answer(list(row["conversations"]))
+        if base_answer.strip() and base_answer != reference:
+            rows.append(
+                {
+                    "example_id": row["example_id"],
+                    "images": [row["image"]],
+                    "prompt": prompts.preference_prompt(list(row["conversations"])),
+                    "chosen": prompts.preference_completion(reference),
+                    "rejected": prompts.preference_completion(base_answer),
+                }
+            )
+    (root / "pairs").mkdir()
+    pd.DataFrame(rows).to_parquet(root / "pairs" / dpo.PAIRS_FILE, index=False)
+    assert cfg.dpo.holdout_fraction > 0
+    metrics = dpo.train_dpo(
+        cfg.dpo, ModelConfig(name=str(root / "base")), root / "base", trained, root / "pairs", root / "dpo", 0
+    )
+    assert metrics["heldout_pairs"] >= 16
+    assert metrics["heldout/margin_positive"] > 0.5, metrics
