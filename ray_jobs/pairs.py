@@ -198,7 +198,7 @@ def in_artifact(store: RunStore, artifact_path: str, *parts: str) -> str:
     """A path inside a published artifact, on this machine (a cached copy when the run root is remote).
 
     The policy of round 1 is ``in_artifact(store, soup_dir, "adapter")``; a later round's is the last DPO
-    artifact's ``policy/adapter``.
+    artifact's ``adapter``.
     """
     stage_name, key = Path(artifact_path).name.split("-", 1)
     return str(Path(store.local_path(stage_name, key), *parts))

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
+import scipy.stats
 
 from vlm_posttrain import prompts
 from vlm_posttrain.config import PairsConfig
@@ -50,7 +51,6 @@ PAIRS = "pairs.parquet"
 BEST_OF_K = "best_of_k"
 SAMPLES = "samples.parquet"
 DIAGNOSTICS = "diagnostics.parquet"
-Z95 = 1.959963984540054
 # The columns of pairs.parquet (DESIGN.md's preference rows, plus which samples were picked).
 PREFERENCE_FEATURES = (
     "images",
@@ -258,15 +258,12 @@ def sample_rows(judged: pd.DataFrame) -> pd.DataFrame:
 # ---- diagnostics ---------------------------------------------------------------------------------------------
 
 
-def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval of a proportion k/n (NaN when n is 0)."""
+def wilson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a proportion k/n (scipy's; NaN when n is 0)."""
     if n == 0:
         return math.nan, math.nan
-    p = k / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
+    ci = scipy.stats.binomtest(k, n).proportion_ci(confidence_level=level, method="wilson")
+    return float(ci.low), float(ci.high)
 
 
 def _rate(metric: str, k: int, n: int, what: str) -> dict:
