@@ -52,9 +52,8 @@ def test_every_node_installs_the_project_at_a_pinned_commit(cluster):
     assert "pip install -q -r ~/vlm-posttrain/requirements.txt" in setup
     assert "--no-deps -e ~/vlm-posttrain" in setup
     # `ray job submit -- python` runs the python on the PATH of `ray start`: the project's venv.
-    for line in _commands(cluster, "head_start_ray_commands", "worker_start_ray_commands").splitlines():
-        if "ray start" in line:
-            assert "PATH=$HOME/venv/bin:$PATH" in line
+    for line in _ray_start_lines(cluster):
+        assert "PATH=$HOME/venv/bin:$PATH" in line
 
 
 def test_hub_offline_only_on_workers(cluster):
@@ -86,10 +85,18 @@ def test_dashboard_on_head_loopback_only(cluster):
     assert "0.0.0.0" not in (REPO / "cluster.yaml").read_text()
 
 
+def _ray_start_lines(cluster) -> list[str]:
+    """The head's and the workers' `ray start` lines; both must exist, or the checks on them check nothing."""
+    lines = {}
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        lines[key] = [line for line in _commands(cluster, key).splitlines() if "ray start" in line]
+        assert lines[key], f"no `ray start` line in {key}"
+    return lines["head_start_ray_commands"] + lines["worker_start_ray_commands"]
+
+
 def test_token_auth_everywhere_and_no_secret_in_the_file(cluster):
-    for line in _commands(cluster, "head_start_ray_commands", "worker_start_ray_commands").splitlines():
-        if "ray start" in line:
-            assert "RAY_AUTH_MODE=token" in line
+    for line in _ray_start_lines(cluster):
+        assert "RAY_AUTH_MODE=token" in line
     assert cluster["file_mounts"] == {"~/.ray/auth_token": "~/.ray/auth_token"}
     text = (REPO / "cluster.yaml").read_text()
     assert "RAY_AUTH_TOKEN=" not in text and not re.search(r"\bhf_[A-Za-z0-9]{20,}", text)
