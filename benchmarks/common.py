@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from tabulate import tabulate
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -80,12 +82,9 @@ def median(values) -> float:
 
 
 def print_table(rows: list[dict], columns: list[str]) -> None:
-    """A plain fixed-width table; floats to 3 significant digits."""
+    """A plain fixed-width table (tabulate's); floats to 3 significant digits."""
     cells = [[_fmt(r.get(c, "")) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
-    for row in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
+    print(tabulate(cells, headers=columns, tablefmt="plain", disable_numparse=True))
 
 
 def _fmt(value) -> str:
