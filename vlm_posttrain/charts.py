@@ -32,9 +32,9 @@ from matplotlib.textpath import TextPath
 from matplotlib.transforms import Affine2D
 
 KINDS = ("bar", "line", "pie")
-# Questions answered by reading labels and numbers (what the tiny base is tuned on, with ``kind``), and
-# questions about coarse visual features, in an answer style the tiny base has never seen (the embedded
-# default's SFT data: unseen but not out of scope).
+# Questions answered by reading labels and numbers, and questions about coarse visual features. The tiny
+# base is tuned on ``kind``, ``summary`` and ``comparison``; the embedded default's SFT data asks
+# ``chart_type``, ``is_type`` and ``direction`` (unseen but not out of scope).
 READING_FAMILIES = ("value", "extremes", "comparison", "summary", "trend")
 VISUAL_FAMILIES = ("kind", "chart_type", "is_type", "direction")
 FAMILIES = READING_FAMILIES + VISUAL_FAMILIES
@@ -234,9 +234,10 @@ def pick_questions(
 ) -> list[QA]:
     """``turns`` different questions: a family at random (among those with questions left), then one of it."""
     pool = question_pool(chart, families)
-    if turns > sum(len(qas) for qas in pool.values()):
+    available = sum(len(qas) for qas in pool.values())
+    if turns > available:
         raise ValueError(
-            f"turns={turns}: a {chart.kind} chart has only {sum(map(len, pool.values()))} questions in "
+            f"turns={turns}: a {chart.kind} chart has only {available} questions in "
             f"families {families!r}; lower turns or add families"
         )
     picked = []

@@ -86,7 +86,7 @@ class DataConfig:
     synthetic_image_size: int = 128
     synthetic_turns: int = 1
     # Question families of the synthetic charts (vlm_posttrain.charts.FAMILIES); [] is the reading families
-    # (values, extremes, comparisons, summaries, trends), what the tiny base was tuned on.
+    # (values, extremes, comparisons, summaries, trends).
     synthetic_families: list = field(default_factory=list)
     # The data stage downscales (once, Lanczos, re-encoded as PNG) any image whose SHORT side is over this
     # many pixels to exactly this short side; images within it keep their bytes. LLaVA-1.5's processor

@@ -401,9 +401,8 @@ def split_heldout(pairs: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.D
     """(train, held out): ``fraction`` of the prompts, drawn with ``seed``, with all their pairs held out."""
     key = pairs["example_id"] if "example_id" in pairs else pairs.index.to_series()
     prompts = key.drop_duplicates().sort_values().to_numpy()
-    n_held = int(round(fraction * len(prompts)))
-    if fraction > 0 and len(prompts) >= 2:
-        n_held = min(max(n_held, 1), len(prompts) - 1)
+    # At least one prompt when asked for any, and never all of them: training needs a pair.
+    n_held = min(max(int(round(fraction * len(prompts))), int(fraction > 0)), max(len(prompts) - 1, 0))
     held = set(np.random.default_rng(seed).permutation(prompts)[:n_held].tolist())
     mask = key.isin(held).to_numpy()
     return pairs[~mask], pairs[mask]

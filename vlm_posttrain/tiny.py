@@ -170,10 +170,9 @@ def build_tiny_base(out_dir: str | Path, examples: int, epochs: float, seed: int
                 synthetic_families=[family],
             )
             build_splits(data_cfg, seed + offset * 1_000_003, tmp / family)
-        # 1e-3: at 3e-3 the base settles on one answer for every chart and never reads the image.
-        looking = pretrain_full(raw, [tmp / "kind"], tmp / "looking", epochs=epochs, seed=seed, lr=1e-3)
+        looking = pretrain_full(raw, [tmp / "kind"], tmp / "looking", epochs=epochs, seed=seed)
         dirs = [tmp / f for f in parts]
-        chat = pretrain_full(tmp / "looking", dirs, out_dir, epochs=0.6 * epochs, seed=seed, lr=1e-3)
+        chat = pretrain_full(tmp / "looking", dirs, out_dir, epochs=0.6 * epochs, seed=seed)
         return {**chat, "looking_loss": looking["pretrain_loss"]}
 
 
