@@ -37,6 +37,7 @@ import scipy.stats  # noqa: E402
 from analysis.run import RunTables  # noqa: E402
 from analysis.seed_outputs import SeedScores, study_notes, study_table  # noqa: E402
 from analysis.stats import compare_variants, main_effects, summarize_variants  # noqa: E402
+from vlm_posttrain.layout import FILES  # noqa: E402
 
 SCORE_SUFFIX = "/score"
 TRIAL_PREFIX = "sft/"
@@ -126,8 +127,8 @@ def _trial_section(run: RunTables, out: Path) -> list[str]:
 
 def _effects_section(run: RunTables, out: Path) -> list[str]:
     lines: list[str] = []
-    for score_col in [c for c in run.evaluation.columns if c.endswith(SCORE_SUFFIX)]:
-        effects = grid_effects(run.evaluation, run.trials, score_col)
+    for score_col in [c for c in run.eval.columns if c.endswith(SCORE_SUFFIX)]:
+        effects = grid_effects(run.eval, run.trials, score_col)
         if effects is not None:
             name = f"grid_effects_{score_col.removesuffix(SCORE_SUFFIX).replace('/', '_')}"
             lines += [
@@ -135,7 +136,7 @@ def _effects_section(run: RunTables, out: Path) -> list[str]:
                 "",
             ]
             lines += [_md(effects, ".3f"), "", _save_table(effects, out, name), ""]
-    agreement = judge_agreement(run.evaluation)
+    agreement = judge_agreement(run.eval)
     if agreement is not None:
         lines += ["### Judge agreement (same answers)", "", _md(agreement, ".3f"), ""]
         lines += [_save_table(agreement, out, "judge_agreement"), ""]
@@ -441,7 +442,7 @@ def write_report(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    numbers = evaluation_numbers(run.evaluation, run.trials, baseline) if run.evaluation is not None else None
+    numbers = evaluation_numbers(run.eval, run.trials, baseline) if run.eval is not None else None
     lines = [f"# Report: {run.root}", "", *_summary_section(numbers)]
     if len(run.manifests):
         lines += ["## Artifacts", "", _md(run.manifests[["stage", "artifact", "created"]]), ""]
@@ -464,8 +465,8 @@ def write_report(
     if study is not None:
         lines += _study_section(study, out)
     if numbers is not None:
-        lines += _eval_section(numbers, run.evaluation, out)
+        lines += _eval_section(numbers, run.eval, out)
         lines += _effects_section(run, out)
-    path = out / "report.md"
+    path = out / FILES["report"]["report"]
     path.write_text("\n".join(lines))
     return path

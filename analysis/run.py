@@ -4,7 +4,7 @@
     run = load_run("runs/tiny")
     run.trials          # the SFT trial table (plus the soup's rows when a soup exists)
     run.curves          # every trial's reported metrics, long form (train loss per step, eval loss per epoch)
-    run.evaluation      # one row per (variant, example, sample) with every judge's score
+    run.eval            # one row per (variant, system prompt, example, sample) with every judge's score
     run.manifests       # one row per complete artifact: stage, artifact, created, timings, scalar metrics
 
 Each stage's table is read from its newest complete artifact (one whose manifest says ``complete``).
@@ -19,13 +19,15 @@ from pathlib import Path
 
 import pandas as pd
 
-# Which file of which stage's artifact holds which table.
+from vlm_posttrain.layout import FILES, MANIFEST
+
+# Which file of which stage's artifact holds which table (file names: vlm_posttrain.layout).
 TABLES = {
-    "trials": [("soup", "trials.parquet"), ("sft", "trials.parquet")],
-    "curves": [("sft", "curves.parquet")],
-    "pairs_diagnostics": [("pairs", "diagnostics.parquet")],
-    "dpo_curves": [("dpo", "metrics.parquet")],
-    "evaluation": [("eval", "evaluation.parquet")],
+    "trials": [("soup", FILES["soup"]["trials"]), ("sft", FILES["sft"]["trials"])],
+    "curves": [("sft", FILES["sft"]["curves"])],
+    "pairs_diagnostics": [("pairs", FILES["pairs"]["diagnostics"])],
+    "dpo_curves": [("dpo", FILES["dpo"]["curves"])],
+    "eval": [("eval", FILES["eval"]["eval"])],
 }
 
 
@@ -44,7 +46,7 @@ class RunTables:
 def complete_artifacts(root: Path) -> list[dict]:
     """Every complete artifact's manifest, with its folder."""
     found = []
-    for manifest in sorted(root.glob("*/*/manifest.json")):
+    for manifest in sorted(root.glob(f"*/*/{MANIFEST}")):
         if manifest.parent.name.startswith("."):
             continue  # a staging folder a moment before its rename: not an artifact yet
         data = json.loads(manifest.read_text())

@@ -230,10 +230,8 @@ def train_steps(model, processor, data, args, device, compute_dtype: str) -> tup
     from vlm_posttrain.sft import trainer_args
 
     out = Path(tempfile.mkdtemp(prefix="gpu-bench-"))
-    params = {"epochs": 1, "learning_rate": 1e-4}
-    targs = trainer_args(
-        SftConfig(batch_size=args.batch, logging_steps=1000), params, out, 0, compute_dtype, False
-    )
+    sft = SftConfig(learning_rate=1e-4, batch_size=args.batch, logging_steps=1000)
+    targs = trainer_args(sft, out, 0, compute_dtype, False)
     targs.max_steps, targs.save_strategy = 2 + args.steps, "no"
     timer = step_timer(device)
     trainer = SFTTrainer(
@@ -344,8 +342,10 @@ def qlora_row_and_memory(
 
 def _lora(args, model_cfg):
     from vlm_posttrain import modeling
+    from vlm_posttrain.config import SftConfig
 
-    return modeling.lora_config(args.lora_r, 16, 0.05, model_cfg.lora_target, False)
+    sft = SftConfig(lora_r=args.lora_r, lora_alpha=16, lora_dropout=0.05)
+    return modeling.lora_config(sft, model_cfg.lora_target)
 
 
 def _release() -> None:

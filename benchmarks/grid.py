@@ -95,11 +95,9 @@ def run_serial(work: Path, root: Path, epochs: float, threads: int) -> dict:
     cfg = experiment(root, epochs)
     imported = time.time()
     trials = []
-    for i, params in enumerate(cfg.sft.trials()):
+    for i, trial in enumerate(cfg.sft.trials()):
         start = time.time()
-        train_trial(
-            params, cfg.sft, cfg.model, work / "model", work / "data", root / f"trial-{i}", cfg.run.seed
-        )
+        train_trial(trial, cfg.model, work / "model", work / "data", root / f"trial-{i}", cfg.run.seed)
         trials.append(time.time() - start)
     return {"imports_s": imported - STARTED, "trial_s": trials}
 

@@ -114,10 +114,12 @@ def train_once(model_dir: Path, dataset, processor, args, padded: bool) -> dict:
 
     model_cfg = ModelConfig(name=str(model_dir))
     base = modeling.load_base(str(model_dir), model_cfg)
-    model = modeling.attach_lora(base, modeling.lora_config(8, 16, 0.05, model_cfg.lora_target, False), 0)
-    sft = SftConfig(batch_size=args.batch_size, logging_steps=10_000)
+    sft = SftConfig(
+        learning_rate=1e-3, batch_size=args.batch_size, logging_steps=10_000, lora_r=8, lora_alpha=16
+    )
+    model = modeling.attach_lora(base, modeling.lora_config(sft, model_cfg.lora_target), 0)
     out = Path(tempfile.mkdtemp(prefix="bench-sft-"))
-    targs = trainer_args(sft, {"epochs": 1.0, "learning_rate": 1e-3}, out, 0, "float32", with_eval=False)
+    targs = trainer_args(sft, out, 0, "float32", with_eval=False)
     targs.save_strategy = "no"
     # The study's collation: pad every batch to the maximum length (no example is longer: see to_sft_dataset).
     targs.pad_to_multiple_of = args.max_length if padded else None

@@ -10,15 +10,11 @@ import time
 from ray_jobs.session import cli, parse_args, stage
 from vlm_posttrain.config import ExperimentConfig
 from vlm_posttrain.data import build_splits
-from vlm_posttrain.store import RunStore, build_manifest, digest
-
-
-def data_key(cfg: ExperimentConfig) -> str:
-    return digest("data", cfg.section("data"), cfg.run.seed)
+from vlm_posttrain.store import RunStore, build_manifest
 
 
 def run(cfg: ExperimentConfig, store: RunStore) -> str:
-    key = data_key(cfg)
+    key = store.stage_key("data", cfg.keyed("data"), {}, cfg.run.seed)
 
     def build() -> None:
         staging = store.staging("data", key)

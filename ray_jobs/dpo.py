@@ -4,8 +4,9 @@ The trial (``trainables/dpo.py``) continues a starting adapter (round 1: the sou
 round r-1's DPO ``adapter/``) on a preference parquet with TRL's DPOTrainer, the frozen copy of the
 starting adapter as reference. It asks for ``resources.cpus_per_trial`` / ``resources.gpus_per_trial``;
 an interrupted run resumes from its last epoch with ``Tuner.restore``. The artifact ``dpo-<key>/`` holds
-``adapter/`` (the whole policy, soup + DPO update, loadable alone with ``PeftModel.from_pretrained``),
-``metrics.parquet`` (loss, rewards and log-probabilities per logging step) and the manifest.
+``adapter/`` (the whole policy, soup + DPO update, loadable alone with ``PeftModel.from_pretrained``, with
+its ``provenance.json``), ``curves.parquet`` (loss, rewards and log-probabilities per logging step) and the
+manifest.
 
 Inside ``ray_jobs.pipeline`` the pairs and soup stages supply the inputs; on its own the driver takes them
 from two flags:
@@ -24,27 +25,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from ray_jobs import model as model_job
 from ray_jobs import sft as sft_job
-from ray_jobs.session import InputError, cli, connect, parse_cli, raise_input_errors, stage
+from ray_jobs.session import InputError, cli, connect, parse_cli, raise_input_errors, stage, tuner
 from vlm_posttrain.config import ExperimentConfig
-from vlm_posttrain.store import MANIFEST, RunStore, build_manifest, digest
+from vlm_posttrain.layout import FILES, MANIFEST
+from vlm_posttrain.store import RunStore, build_manifest, write_provenance
 
-ADAPTER = "adapter"
-CURVE = "metrics.parquet"
-
-
-def _ref(path: str) -> str:
-    """An input named by its last two path parts (``soup-<hash>/adapter``): stable when the root moves."""
-    return "/".join(Path(path).parts[-2:])
-
-
-def dpo_key(
-    cfg: ExperimentConfig, base: str, start_adapter_dir: str, pairs_path: str, round_index: int
-) -> str:
-    return digest(
-        "dpo", cfg.dpo.section(), base, _ref(start_adapter_dir), _ref(pairs_path), round_index, cfg.run.seed
-    )
+ADAPTER, CURVES = FILES["dpo"]["adapter"], FILES["dpo"]["curves"]
 
 
 def make_tuner(cfg: ExperimentConfig, store: RunStore, key: str, setup):
@@ -52,45 +39,32 @@ def make_tuner(cfg: ExperimentConfig, store: RunStore, key: str, setup):
 
     from trainables.dpo import train_dpo_trial
 
-    trainable = tune.with_resources(
+    return tuner(
+        "dpo",
+        key,
+        store,
         tune.with_parameters(train_dpo_trial, setup=setup),
+        cfg,
         # The SFT trials' share (``auto`` resolved from their memory estimate); a DPO step holds about twice
         # an SFT step's tokens (chosen and rejected), so the estimate is a lower bound here.
-        {"cpu": cfg.resources.cpus_per_trial, "gpu": sft_job.gpus_per_trial(cfg, setup.base_dir)},
-    )
-    storage, name = store.tune_storage("dpo"), f"dpo-{key}"
-    path = f"{storage}/{name}"
-    if tune.Tuner.can_restore(path):
-        print(f"[dpo] resuming Tune experiment {path}")
-        return tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
-    return tune.Tuner(
-        trainable,
-        param_space={},
-        run_config=tune.RunConfig(
-            name=name,
-            storage_path=storage,
-            failure_config=tune.FailureConfig(max_failures=cfg.resources.max_failures),
-            # The newest checkpoint: the last epoch while training, the finished policy at the end.
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            verbose=1,
-        ),
+        sft_job.gpus_per_trial(cfg, setup.base_dir),
+        # The newest checkpoint: the last epoch while training, the finished policy at the end.
+        tune.CheckpointConfig(num_to_keep=1),
     )
 
 
 def collect_policy(results, staging: Path, round_index: int) -> dict:
-    """Copy the trial's finished policy (adapter + learning curve) into the artifact; returns its summary."""
-    from vlm_posttrain.dpo import ADAPTER as POLICY_ADAPTER
-    from vlm_posttrain.dpo import CURVE as POLICY_CURVE
-
+    """Copy the trial's finished policy (adapter + learning curve, laid out as this artifact) into the
+    artifact; returns its summary."""
     raise_input_errors(results)
     result = results[0]
     if result.error:
         raise RuntimeError(f"the DPO trial failed: {result.error}")
     with result.checkpoint.as_directory() as d:
-        shutil.copytree(Path(d) / POLICY_ADAPTER, staging / ADAPTER)
-        curve = pd.read_parquet(Path(d) / POLICY_CURVE)
+        shutil.copytree(Path(d) / ADAPTER, staging / ADAPTER)
+        curve = pd.read_parquet(Path(d) / CURVES)
     curve.insert(0, "round", round_index)
-    curve.to_parquet(staging / CURVE, index=False)
+    curve.to_parquet(staging / CURVES, index=False)
     keep = ("train_loss", "first_loss", "epoch", "steps", "train_pairs", "heldout_pairs")
     summary = {k: result.metrics[k] for k in keep if k in result.metrics}
     prefixes = ("rewards/", "logps/", "heldout/")
@@ -150,8 +124,8 @@ def run(
     """Round ``round_index``: train from ``start_adapter_dir`` on ``pairs_dir``; returns the artifact path."""
     from trainables.dpo import DpoSetup
 
-    base = base_dir if cfg.model.name != "tiny" else Path(base_dir).name
-    key = dpo_key(cfg, base, start_adapter_dir, pairs_dir, round_index)
+    inputs = {"model": base_dir, "start_adapter": str(start_adapter_dir), "pairs": str(pairs_dir)}
+    key = store.stage_key("dpo", cfg.keyed("dpo"), {**inputs, "round": round_index}, cfg.run.seed)
 
     def build() -> None:
         counts = check_pairs(cfg, base_dir, str(pairs_dir))  # bad input stops here, before Ray and any trial
@@ -169,15 +143,17 @@ def run(
         results = make_tuner(cfg, store, key, setup).fit()
         staging = store.staging("dpo", key)
         summary = collect_policy(results, staging, round_index) | counts
+        provenance = {"dpo": cfg.section("dpo"), "model": cfg.section("model")}
+        write_provenance(staging / ADAPTER, "dpo", provenance, inputs, cfg.run.seed, round=round_index)
         manifest = build_manifest(
             "dpo",
-            cfg.dpo.section(),
-            {"model": base_dir, "start_adapter": str(start_adapter_dir), "pairs": str(pairs_dir)},
+            cfg.keyed("dpo"),
+            inputs,
             cfg.run.seed,
             metrics={"round": round_index, **summary},
             timings={"train_s": time.time() - start},
             resources=cfg.section("resources"),
-            tune_experiment=f"{store.tune_storage('dpo')}/dpo-{key}",
+            tune_experiment=store.tune_experiment("dpo", key),
         )
         store.publish(staging, "dpo", key, manifest)
 
@@ -205,7 +181,9 @@ def main(argv: list[str] | None = None) -> None:
             f"the dpo driver on its own needs {' and '.join(missing)}; give them, or run python -m "
             "ray_jobs.pipeline, which supplies them from the pairs and soup stages"
         )
-    base_dir = model_job.run(cfg, store)
+    from ray_jobs import pipeline
+
+    base_dir = pipeline.run(cfg, store, until="model").model
     print(run(cfg, store, base_dir, args.start_adapter, args.pairs, args.round))
 
 

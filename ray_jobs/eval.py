@@ -3,7 +3,7 @@
 ``test.parquet`` (first ``eval.limit`` examples) x variants x system prompts becomes one task table ->
 ``map_batches(AnswerTests)`` on an actor pool (each actor loads the base once and attaches every variant's
 adapter by name) -> ``map_batches(score_reference)`` and/or ``map_batches(ScoreWithCritic)`` (the critic
-loaded once per actor) -> ``evaluation.parquet``: one row per (variant, system prompt, example, sample) with
+loaded once per actor) -> ``eval.parquet``: one row per (variant, system prompt, example, sample) with
 the answer, token count, latency and every judge's score and raw text.
 
     python -m ray_jobs.eval configs/tiny.yaml [key=value ...]
@@ -24,18 +24,16 @@ import pandas as pd
 if TYPE_CHECKING:
     from vlm_posttrain.evaluation import Variant
 
-from ray_jobs import data as data_job
-from ray_jobs import model as model_job
-from ray_jobs import sft as sft_job
-from ray_jobs.pairs import actor_options, artifact_ref
+from ray_jobs.pairs import actor_options
 from ray_jobs.session import cli, connect, parse_args, stage
 from vlm_posttrain.config import EvalConfig, ExperimentConfig, ModelConfig
 from vlm_posttrain.data import load_split
-from vlm_posttrain.store import RunStore, build_manifest, digest
+from vlm_posttrain.layout import FILES
+from vlm_posttrain.store import RunStore, build_manifest
 
 # torch, transformers and peft are imported where a stage runs, not here: `--help` answers at once.
 
-TABLE = "evaluation.parquet"
+TABLE = FILES["eval"]["eval"]
 
 
 class AnswerTests:
@@ -97,14 +95,16 @@ def variants_of(
     kinds = set(cfg.eval.variants)
     variants = [Variant("base")] if "base" in kinds else []
     if "sft" in kinds and sft_dir:
-        trials = pd.read_parquet(Path(sft_dir) / sft_job.TABLE)
+        trials = pd.read_parquet(Path(sft_dir) / FILES["sft"]["trials"])
         variants += [
             Variant(f"sft/{t.trial_id}", str(Path(sft_dir) / t.adapter)) for t in trials.itertuples()
         ]
     if "soup" in kinds and soup_dir:
-        variants.append(Variant(f"soup/{cfg.soup.method}", str(Path(soup_dir) / "adapter")))
+        adapter = Path(soup_dir) / FILES["soup"]["adapter"]
+        variants.append(Variant(f"soup/{cfg.soup.method}", str(adapter)))
     if "dpo" in kinds:
-        variants += [Variant(f"dpo/round{i}", str(Path(d) / "adapter")) for i, d in enumerate(dpo_dirs, 1)]
+        adapters = [Path(d) / FILES["dpo"]["adapter"] for d in dpo_dirs]
+        variants += [Variant(f"dpo/round{i}", str(a)) for i, a in enumerate(adapters, 1)]
     return variants
 
 
@@ -166,16 +166,10 @@ def answer_dataset(cfg: ExperimentConfig, base_dir: str, data_dir: str, variants
     return ds
 
 
-def eval_key(
-    cfg: ExperimentConfig, store: RunStore, base_dir: str, data_dir: str, variants: list[Variant]
-) -> str:
-    base = Path(base_dir).name if cfg.model.name == "tiny" else base_dir
-    refs = [(v.name, artifact_ref(store, v.adapter) if v.adapter else None) for v in variants]
-    return digest("eval", cfg.eval.section(), base, Path(data_dir).name, refs, cfg.run.seed)
-
-
 def run(cfg: ExperimentConfig, store: RunStore, base_dir: str, data_dir: str, variants: list[Variant]) -> str:
-    key = eval_key(cfg, store, base_dir, data_dir, variants)
+    # Every variant is an input: its adapter, or the base itself.
+    inputs = {"model": base_dir, "data": data_dir, **{v.name: v.adapter or base_dir for v in variants}}
+    key = store.stage_key("eval", cfg.keyed("eval"), inputs, cfg.run.seed)
 
     def build() -> None:
         connect()
@@ -189,7 +183,7 @@ def run(cfg: ExperimentConfig, store: RunStore, base_dir: str, data_dir: str, va
         manifest = build_manifest(
             "eval",
             cfg.section("eval"),
-            {"model": base_dir, "data": data_dir, **{v.name: v.adapter or base_dir for v in variants}},
+            inputs,
             cfg.run.seed,
             metrics={"rows": len(table), "variants": len(variants), "mean_scores": scores},
             timings={"eval_s": time.time() - start},
@@ -197,7 +191,7 @@ def run(cfg: ExperimentConfig, store: RunStore, base_dir: str, data_dir: str, va
         store.publish(staging, "eval", key, manifest)
 
     path = stage("eval", key, store, build)
-    table = pd.read_parquet(Path(store.local_path("eval", key)) / TABLE)
+    table = pd.read_parquet(store.in_artifact(path, TABLE))
     score_cols = [c for c in table.columns if c.endswith("/score")]
     print(table.groupby("variant")[score_cols].mean().round(2).to_string())
     return path
@@ -205,11 +199,11 @@ def run(cfg: ExperimentConfig, store: RunStore, base_dir: str, data_dir: str, va
 
 @cli
 def main(argv: list[str] | None = None) -> None:
+    from ray_jobs import pipeline
+
     cfg, store = parse_args(__doc__, argv)
-    base_dir = model_job.run(cfg, store)
-    data_dir = data_job.run(cfg, store)
-    sft_dir = sft_job.run(cfg, store, base_dir, data_dir)
-    print(run(cfg, store, base_dir, data_dir, variants_of(cfg, sft_dir, None)))
+    built = pipeline.run(cfg, store, until="sft")
+    print(run(cfg, store, built.model, built.data, variants_of(cfg, built.sft, None)))
 
 
 if __name__ == "__main__":

@@ -12,11 +12,7 @@ import time
 
 from ray_jobs.session import cli, parse_args, stage
 from vlm_posttrain.config import ExperimentConfig
-from vlm_posttrain.store import RunStore, build_manifest, digest
-
-
-def model_key(cfg: ExperimentConfig) -> str:
-    return digest("model", cfg.section("model"), cfg.run.seed)
+from vlm_posttrain.store import RunStore, build_manifest
 
 
 def run(cfg: ExperimentConfig, store: RunStore) -> str:
@@ -28,7 +24,7 @@ def run(cfg: ExperimentConfig, store: RunStore) -> str:
         return cfg.model.name
     from vlm_posttrain.tiny import build_tiny_base
 
-    key = model_key(cfg)
+    key = store.stage_key("model", cfg.keyed("model"), {}, cfg.run.seed)
 
     def build() -> None:
         staging = store.staging("model", key)

@@ -24,12 +24,10 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 
-from ray_jobs import data as data_job
-from ray_jobs import model as model_job
-from ray_jobs import sft as sft_job
 from ray_jobs.session import cli, connect, parse_args, stage
 from vlm_posttrain.config import ExperimentConfig, ModelConfig, PairsConfig
-from vlm_posttrain.store import MANIFEST, RunStore, build_manifest, digest
+from vlm_posttrain.layout import FILES, MANIFEST
+from vlm_posttrain.store import RunStore, build_manifest
 
 # torch, transformers and peft are imported where a stage runs, not here: `--help` answers at once.
 
@@ -63,26 +61,6 @@ class JudgeAnswers:
         return self.judge_samples(self.judge, batch)
 
 
-def artifact_ref(store: RunStore, path: str) -> str:
-    """A path inside the run root as its root-relative name (hashes survive moving the root)."""
-    try:
-        return str(Path(path).relative_to(store.base))
-    except ValueError:
-        return str(path)
-
-
-def pairs_key(cfg: ExperimentConfig, store: RunStore, base_dir: str, data_dir: str, adapter_dir: str) -> str:
-    base = Path(base_dir).name if cfg.model.name == "tiny" else base_dir
-    return digest(
-        "pairs",
-        cfg.pairs.section(),
-        base,
-        Path(data_dir).name,
-        artifact_ref(store, adapter_dir),
-        cfg.run.seed,
-    )
-
-
 def actor_options(p: PairsConfig) -> dict:
     import ray
 
@@ -105,7 +83,7 @@ def judge_with_ray(cfg: ExperimentConfig, base_dir: str, data_dir: str, adapter_
     import ray
 
     p = cfg.pairs
-    path = str(Path(data_dir) / "train.parquet")
+    path = str(Path(data_dir) / FILES["data"]["train"])
     rows = pq.ParquetFile(path).metadata.num_rows
     ds = ray.data.read_parquet(path)
     if p.limit:
@@ -141,7 +119,8 @@ def judge_with_ray(cfg: ExperimentConfig, base_dir: str, data_dir: str, adapter_
 
 def run(cfg: ExperimentConfig, store: RunStore, base_dir: str, data_dir: str, policy_adapter_dir: str) -> str:
     """Build (or reuse) the pairs artifact for this policy; returns its path."""
-    key = pairs_key(cfg, store, base_dir, data_dir, policy_adapter_dir)
+    inputs = {"model": base_dir, "data": data_dir, "policy": policy_adapter_dir}
+    key = store.stage_key("pairs", cfg.keyed("pairs"), inputs, cfg.run.seed)
 
     def build() -> None:
         from vlm_posttrain.pairs import write_outputs
@@ -156,7 +135,7 @@ def run(cfg: ExperimentConfig, store: RunStore, base_dir: str, data_dir: str, po
         manifest = build_manifest(
             "pairs",
             cfg.section("pairs"),
-            {"model": base_dir, "data": data_dir, "policy": policy_adapter_dir},
+            inputs,
             cfg.run.seed,
             metrics=metrics,
             timings={"pipeline_s": pipeline_s, "total_s": time.time() - start},
@@ -164,11 +143,11 @@ def run(cfg: ExperimentConfig, store: RunStore, base_dir: str, data_dir: str, po
         store.publish(staging, "pairs", key, manifest)
         warn_few_pairs(metrics, cfg.pairs.warn_kept_below)
 
-    from vlm_posttrain.pairs import DIAGNOSTICS
-
     path = stage("pairs", key, store, build)
-    local = Path(store.local_path("pairs", key))
-    print_summary(pd.read_parquet(local / DIAGNOSTICS), json.loads((local / MANIFEST).read_text())["metrics"])
+    manifest = json.loads(Path(store.in_artifact(path, MANIFEST)).read_text())
+    print_summary(
+        pd.read_parquet(store.in_artifact(path, FILES["pairs"]["diagnostics"])), manifest["metrics"]
+    )
     return path
 
 
@@ -194,29 +173,19 @@ def print_summary(table: pd.DataFrame, metrics: dict) -> None:
     )
 
 
-def in_artifact(store: RunStore, artifact_path: str, *parts: str) -> str:
-    """A path inside a published artifact, on this machine (a cached copy when the run root is remote).
-
-    The policy of round 1 is ``in_artifact(store, soup_dir, "adapter")``; a later round's is the last DPO
-    artifact's ``adapter``.
-    """
-    stage_name, key = Path(artifact_path).name.split("-", 1)
-    return str(Path(store.local_path(stage_name, key), *parts))
-
-
 def best_sft_adapter(store: RunStore, sft_path: str) -> str:
     """The adapter of the SFT trial with the lowest validation loss (the policy when no soup is given)."""
-    best = json.loads(Path(in_artifact(store, sft_path, MANIFEST)).read_text())["metrics"]["best_trial"]
-    return in_artifact(store, sft_path, "adapters", best)
+    best = json.loads(Path(store.in_artifact(sft_path, MANIFEST)).read_text())["metrics"]["best_trial"]
+    return store.in_artifact(sft_path, FILES["sft"]["adapters"], best)
 
 
 @cli
 def main(argv: list[str] | None = None) -> None:
+    from ray_jobs import pipeline
+
     cfg, store = parse_args(__doc__, argv)
-    base_dir = model_job.run(cfg, store)
-    data_dir = data_job.run(cfg, store)
-    sft_dir = sft_job.run(cfg, store, base_dir, data_dir)
-    print(run(cfg, store, base_dir, data_dir, best_sft_adapter(store, sft_dir)))
+    built = pipeline.run(cfg, store, until="sft")
+    print(run(cfg, store, built.model, built.data, best_sft_adapter(store, built.sft)))
 
 
 if __name__ == "__main__":

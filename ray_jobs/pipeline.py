@@ -17,6 +17,8 @@ steps, and the generation work of the pairs and eval stages (``vlm_posttrain.pla
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from ray_jobs import data as data_job
 from ray_jobs import dpo as dpo_job
 from ray_jobs import eval as eval_job
@@ -26,6 +28,62 @@ from ray_jobs import report as report_job
 from ray_jobs import sft as sft_job
 from ray_jobs import soup as soup_job
 from ray_jobs.session import cli, parse_cli
+from vlm_posttrain.config import ExperimentConfig
+from vlm_posttrain.layout import FILES, STAGES
+from vlm_posttrain.store import RunStore
+
+
+@dataclass
+class Built:
+    """The artifact paths a run built or found (``model``: the base's folder or hub id); one per DPO round."""
+
+    model: str = ""
+    data: str = ""
+    sft: str = ""
+    soup: str = ""
+    pairs: list[str] = field(default_factory=list)
+    dpo: list[str] = field(default_factory=list)
+    eval: str = ""
+    report: str = ""
+
+
+def run(cfg: ExperimentConfig, store: RunStore, until: str = "report") -> Built:
+    """Every stage up to and including ``until``, each skipped when its artifact exists; every driver's
+    ``main`` runs its inputs' stages through here. ``until="pairs"`` stops after round 1's pairs."""
+    if until not in STAGES:
+        raise ValueError(f"until '{until}': not a stage; choose from {', '.join(STAGES)}")
+    last = STAGES.index(until)
+    built = Built()
+    if until == "data":  # the data stage needs no model
+        built.data = data_job.run(cfg, store)
+        return built
+    built.model = model_job.run(cfg, store)
+    if last < STAGES.index("data"):
+        return built
+    built.data = data_job.run(cfg, store)
+    if last < STAGES.index("sft"):
+        return built
+    built.sft = sft_job.run(cfg, store, built.model, built.data)
+    if last < STAGES.index("soup"):
+        return built
+    built.soup = soup_job.run(cfg, store, built.model, built.data, built.sft)
+    if last < STAGES.index("pairs"):
+        return built
+    policy = store.in_artifact(built.soup, FILES["soup"]["adapter"])
+    for round_index in range(1, cfg.dpo.rounds + 1):
+        built.pairs.append(pairs_job.run(cfg, store, built.model, built.data, policy))
+        if until == "pairs":
+            return built
+        pairs = store.in_artifact(built.pairs[-1])
+        built.dpo.append(dpo_job.run(cfg, store, built.model, policy, pairs, round_index))
+        policy = store.in_artifact(built.dpo[-1], FILES["dpo"]["adapter"])
+    if last < STAGES.index("eval"):
+        return built
+    variants = eval_job.variants_of(cfg, built.sft, built.soup, built.dpo)
+    built.eval = eval_job.run(cfg, store, built.model, built.data, variants)
+    if until == "report":
+        built.report = report_job.run(cfg, store)
+    return built
 
 
 def _options(parser) -> None:
@@ -34,6 +92,12 @@ def _options(parser) -> None:
         action="store_true",
         help="print the preflight plan (rows, token lengths vs the limits, the SFT grid's memory and steps, "
         "generation work) and exit: trains nothing, starts no Ray, needs no GPU; exit 2 if a stage would fail",
+    )
+    parser.add_argument(
+        "--until",
+        choices=STAGES,
+        default="report",
+        help="the last stage to run (default report: the whole experiment)",
     )
 
 
@@ -51,25 +115,11 @@ def main(argv: list[str] | None = None) -> None:
     cfg, store, args = parse_cli(__doc__, argv, options=_options)
     if args.plan:
         return plan(cfg)
-    base_dir = model_job.run(cfg, store)
-    data_dir = data_job.run(cfg, store)
-    sft_dir = sft_job.run(cfg, store, base_dir, data_dir)
-    soup_dir = soup_job.run(cfg, store, base_dir, data_dir, sft_dir)
-    policy = pairs_job.in_artifact(store, soup_dir, soup_job.ADAPTER_DIR)
-    dpo_dirs = []
-    for round_index in range(1, cfg.dpo.rounds + 1):
-        pairs_dir = pairs_job.run(cfg, store, base_dir, data_dir, policy)
-        dpo_dir = dpo_job.run(
-            cfg, store, base_dir, policy, pairs_job.in_artifact(store, pairs_dir), round_index
-        )
-        dpo_dirs.append(dpo_dir)
-        policy = pairs_job.in_artifact(store, dpo_dir, dpo_job.ADAPTER)
-    variants = eval_job.variants_of(cfg, sft_dir, soup_dir, dpo_dirs)
-    eval_dir = eval_job.run(cfg, store, base_dir, data_dir, variants)
+    built = run(cfg, store, until=args.until)
     print(
-        f"run root: {store.root}\nsft: {sft_dir}\nsoup: {soup_dir}\ndpo: {', '.join(dpo_dirs)}\neval: {eval_dir}"
+        f"run root: {store.root}\nsft: {built.sft}\nsoup: {built.soup}\ndpo: {', '.join(built.dpo)}\n"
+        f"eval: {built.eval}"
     )
-    report_job.run(cfg, store)
 
 
 if __name__ == "__main__":

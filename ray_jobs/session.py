@@ -119,6 +119,41 @@ def connect() -> None:
     ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
 
 
+def tuner(
+    stage_name: str,
+    key: str,
+    store: RunStore,
+    trainable,
+    cfg: ExperimentConfig,
+    gpus: float,
+    checkpoint_config,
+    param_space: dict | None = None,
+    tune_config=None,
+):
+    """Ray Tune's Tuner for a stage's trials (``resources.cpus_per_trial``, ``gpus``, ``max_failures``),
+    restored from the stage's Tune state when an interrupted run left one (finished trials are kept,
+    unfinished ones resume from their last checkpoint), else new."""
+    from ray import tune
+
+    trainable = tune.with_resources(trainable, {"cpu": cfg.resources.cpus_per_trial, "gpu": gpus})
+    path = store.tune_experiment(stage_name, key)
+    if tune.Tuner.can_restore(path):
+        print(f"[{stage_name}] resuming Tune experiment {path}")
+        return tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+    return tune.Tuner(
+        trainable,
+        param_space=param_space or {},
+        tune_config=tune_config,
+        run_config=tune.RunConfig(
+            name=store.artifact_id(stage_name, key),
+            storage_path=store.tune_storage(stage_name),
+            failure_config=tune.FailureConfig(max_failures=cfg.resources.max_failures),
+            checkpoint_config=checkpoint_config,
+            verbose=1,
+        ),
+    )
+
+
 def _job_env_vars() -> dict:
     """The env vars of the submitted job's runtime env (empty outside ``ray job submit``)."""
     raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")

@@ -11,29 +11,24 @@ adapter under ``adapters/<trial_id>/`` (loadable with ``PeftModel.from_pretraine
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import shutil
 import time
 from pathlib import Path
 
 import pandas as pd
 
-from ray_jobs import data as data_job
-from ray_jobs import model as model_job
-from ray_jobs.session import cli, connect, parse_args, raise_input_errors, stage, user_error
+from ray_jobs.session import cli, connect, parse_args, raise_input_errors, stage, tuner, user_error
 from vlm_posttrain.config import GRID_KEYS, ExperimentConfig
-from vlm_posttrain.store import RunStore, build_manifest, digest
+from vlm_posttrain.layout import ADAPTER_FILES, FILES
+from vlm_posttrain.store import RunStore, build_manifest, write_provenance
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-TABLE = "trials.parquet"
-CURVES = "curves.parquet"
-
-
-def sft_key(cfg: ExperimentConfig, base: str, data_id: str) -> str:
-    return digest("sft", cfg.section("sft"), base, data_id, cfg.run.seed)
+TRIALS, CURVES, ADAPTERS = (FILES["sft"][name] for name in ("trials", "curves", "adapters"))
 
 
 def param_space(cfg: ExperimentConfig) -> dict:
+    """``sft.grid`` for Tune, whose grid_search visits the points of ``SftConfig.points`` in their order
+    (tested). The unswept keys ride along as constants, so every ``config/<key>`` column is in the table."""
     from ray import tune
 
     fixed = {k: getattr(cfg.sft, k) for k in GRID_KEYS if k not in cfg.sft.grid}
@@ -70,16 +65,16 @@ def make_tuner(cfg: ExperimentConfig, store: RunStore, key: str, base_dir: str, 
 
     setup = SftSetup(cfg.sft, cfg.model, base_dir, data_dir, cfg.run.seed, cfg.data.bad_rows)
     gpus = gpus_per_trial(cfg, base_dir)
-    trainable = tune.with_resources(
-        tune.with_parameters(train_sft, setup=setup), {"cpu": cfg.resources.cpus_per_trial, "gpu": gpus}
-    )
-    storage, name = store.tune_storage("sft"), f"sft-{key}"
-    path = f"{storage}/{name}"
-    if tune.Tuner.can_restore(path):
-        print(f"[sft] resuming Tune experiment {path}")
-        return tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
-    return tune.Tuner(
-        trainable,
+    return tuner(
+        "sft",
+        key,
+        store,
+        tune.with_parameters(train_sft, setup=setup),
+        cfg,
+        gpus,
+        tune.CheckpointConfig(
+            num_to_keep=1, checkpoint_score_attribute="eval_loss", checkpoint_score_order="min"
+        ),
         param_space=param_space(cfg),
         tune_config=tune.TuneConfig(
             max_concurrent_trials=cfg.resources.max_concurrent_trials,
@@ -88,20 +83,11 @@ def make_tuner(cfg: ExperimentConfig, store: RunStore, key: str, base_dir: str, 
             # where a reused process could still hold the last trial's memory as the next loads its model.
             reuse_actors=gpus == 0,
         ),
-        run_config=tune.RunConfig(
-            name=name,
-            storage_path=storage,
-            failure_config=tune.FailureConfig(max_failures=cfg.resources.max_failures),
-            checkpoint_config=tune.CheckpointConfig(
-                num_to_keep=1, checkpoint_score_attribute="eval_loss", checkpoint_score_order="min"
-            ),
-            verbose=1,
-        ),
     )
 
 
-def collect_adapters(results, staging: Path) -> pd.DataFrame:
-    """Copy each trial's best adapter into the artifact and build the trial table (one row per trial)."""
+def collect_adapters(cfg: ExperimentConfig, results, staging: Path, inputs: dict) -> pd.DataFrame:
+    """Copy each trial's best adapter into the artifact, with its provenance, and build the trial table."""
     raise_input_errors(results)
     errors = [r for r in results if r.error]
     if errors:
@@ -113,27 +99,29 @@ def collect_adapters(results, staging: Path) -> pd.DataFrame:
     for result in results:
         trial_id = result.metrics["trial_id"]
         checkpoint = result.get_best_checkpoint("eval_loss", "min")
-        out = staging / "adapters" / trial_id
+        out = staging / ADAPTERS / trial_id
         out.mkdir(parents=True)
         with checkpoint.as_directory() as d:
             for name in ADAPTER_FILES:
                 shutil.copy2(Path(d) / name, out / name)
         best = min((m for _, m in result.best_checkpoints), key=lambda m: m["eval_loss"])
-        info = {"trial_id": trial_id, "config": result.config, "best_eval_loss": best["eval_loss"]}
-        (out / "trial.json").write_text(json.dumps(info, indent=2, default=str))
+        trial = dataclasses.asdict(cfg.sft.at({k: v for k, v in result.config.items() if k in GRID_KEYS}))
+        write_provenance(
+            out,
+            "sft",
+            {"sft": trial, "model": cfg.section("model")},
+            inputs,
+            cfg.run.seed,
+            trial_id=trial_id,
+            best_eval_loss=best["eval_loss"],
+        )
         adapters.append(
-            {"trial_id": trial_id, "adapter": f"adapters/{trial_id}", "best_eval_loss": best["eval_loss"]}
+            {"trial_id": trial_id, "adapter": f"{ADAPTERS}/{trial_id}", "best_eval_loss": best["eval_loss"]}
         )
     df = df.merge(pd.DataFrame(adapters), on="trial_id")
     first = ["trial_id", *[c for c in df.columns if c.startswith("config/")]]
     first += ["train_loss", "eval_loss", "best_eval_loss", "epoch", "time_total_s", "adapter"]
     return df[[c for c in first if c in df.columns] + [c for c in df.columns if c not in first]]
-
-
-def data_hash(data_dir: str) -> str:
-    """The content hash the data stage recorded (a bare split folder, as in tests, has none)."""
-    manifest = Path(data_dir) / "manifest.json"
-    return json.loads(manifest.read_text())["metrics"]["data_hash"] if manifest.is_file() else "unrecorded"
 
 
 def learning_curves(results) -> pd.DataFrame:
@@ -145,22 +133,22 @@ def learning_curves(results) -> pd.DataFrame:
 
 
 def run(cfg: ExperimentConfig, store: RunStore, base_dir: str, data_dir: str) -> str:
-    data_id = store.ref(data_dir)  # root-relative: two data folders of one name (best_of_k) stay distinct
-    key = sft_key(cfg, base_dir if cfg.model.name != "tiny" else Path(base_dir).name, data_id)
+    inputs = {"model": base_dir, "data": data_dir}
+    key = store.stage_key("sft", cfg.keyed("sft"), inputs, cfg.run.seed)
 
     def build() -> None:
         connect()
         start = time.time()
         results = make_tuner(cfg, store, key, base_dir, data_dir).fit()
         staging = store.staging("sft", key)
-        table = collect_adapters(results, staging)
-        table.to_parquet(staging / TABLE, index=False)
+        table = collect_adapters(cfg, results, staging, inputs)
+        table.to_parquet(staging / TRIALS, index=False)
         learning_curves(results).to_parquet(staging / CURVES, index=False)
         best = table.loc[table["best_eval_loss"].idxmin()]
         manifest = build_manifest(
             "sft",
             cfg.section("sft"),
-            {"model": base_dir, "data": data_dir},
+            inputs,
             cfg.run.seed,
             metrics={
                 "trials": len(table),
@@ -169,12 +157,12 @@ def run(cfg: ExperimentConfig, store: RunStore, base_dir: str, data_dir: str) ->
             },
             timings={"grid_s": time.time() - start},
             resources=cfg.section("resources"),
-            tune_experiment=f"{store.tune_storage('sft')}/sft-{key}",
+            tune_experiment=store.tune_experiment("sft", key),
         )
         store.publish(staging, "sft", key, manifest)
 
     path = stage("sft", key, store, build)
-    print_table(pd.read_parquet(Path(store.local_path("sft", key)) / TABLE))
+    print_table(pd.read_parquet(store.in_artifact(path, TRIALS)))
     return path
 
 
@@ -191,10 +179,10 @@ def print_table(df: pd.DataFrame) -> None:
 
 @cli
 def main(argv: list[str] | None = None) -> None:
+    from ray_jobs import pipeline
+
     cfg, store = parse_args(__doc__, argv)
-    base_dir = model_job.run(cfg, store)
-    data_dir = data_job.run(cfg, store)
-    print(run(cfg, store, base_dir, data_dir))
+    print(pipeline.run(cfg, store, until="sft").sft)
 
 
 if __name__ == "__main__":

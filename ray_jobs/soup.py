@@ -20,27 +20,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from ray_jobs import data as data_job
-from ray_jobs import model as model_job
-from ray_jobs import sft as sft_job
 from ray_jobs.session import cli, connect, parse_args, stage
 from vlm_posttrain.config import ExperimentConfig
-from vlm_posttrain.store import RunStore, build_manifest, digest
+from vlm_posttrain.layout import FILES
+from vlm_posttrain.store import RunStore, build_manifest, write_provenance
 
 # torch, transformers and peft are imported where a stage runs, not here: `--help` answers at once.
 
-ADAPTER_DIR = "adapter"
-TABLE = sft_job.TABLE  # the same file name for the extended trial table
-RESOURCE_KEYS = ("num_cpus", "num_gpus")
-
-
-def _soup_section(cfg: ExperimentConfig) -> dict:
-    """The soup config without its resources: resources never change what the artifact holds."""
-    return {k: v for k, v in cfg.section("soup").items() if k not in RESOURCE_KEYS}
-
-
-def soup_key(cfg: ExperimentConfig, sft_id: str) -> str:
-    return digest("soup", _soup_section(cfg), sft_id, cfg.run.seed)
+ADAPTER, TRIALS = FILES["soup"]["adapter"], FILES["soup"]["trials"]
 
 
 def soup_trials(
@@ -57,7 +44,7 @@ def soup_trials(
         "eval_loss": payload["eval_loss"],
         METRIC: payload["eval_loss"],
         "time_total_s": time_s,
-        "adapter": ADAPTER_DIR,
+        "adapter": ADAPTER,
         "artifact": soup_id,
         "in_soup": False,
     }
@@ -101,24 +88,28 @@ def write_artifact(
     ``inputs`` names the artifacts for the manifest; ``sft_local`` is a readable copy of the SFT one.
     """
     staging = store.staging("soup", key)
-    adapter = staging / ADAPTER_DIR
+    adapter = staging / ADAPTER
     adapter.mkdir()
     for name, blob in payload["files"].items():
         (adapter / name).write_bytes(blob)
+    soup = {k: payload[k] for k in ("method", "weights", "r", "lora_alpha")}
+    ingredients = [i["trial_id"] for i in payload["ingredients"]]
+    provenance = {"soup": cfg.section("soup"), "model": cfg.section("model")}
+    write_provenance(adapter, "soup", provenance, inputs, cfg.run.seed, **soup, ingredients=ingredients)
     sft_id = Path(inputs["sft"]).name
-    sft_table = pd.read_parquet(Path(sft_local) / TABLE)
+    sft_table = pd.read_parquet(Path(sft_local) / FILES["sft"]["trials"])
     trials = soup_trials(sft_table, payload, sft_id, store.artifact_id("soup", key), task_s)
-    trials.to_parquet(staging / TABLE, index=False)
+    trials.to_parquet(staging / TRIALS, index=False)
     extra = {k: payload[k] for k in ("greedy_steps",) if k in payload}
     manifest = build_manifest(
         "soup",
-        _soup_section(cfg),
+        cfg.keyed("soup"),
         inputs,
         cfg.run.seed,
         metrics=_metrics(payload),
         timings={"task_s": task_s, **payload["timings"]},
-        resources={k: getattr(cfg.soup, k) for k in RESOURCE_KEYS},
-        soup={k: payload[k] for k in ("method", "weights", "r", "lora_alpha")},
+        resources={k: getattr(cfg.soup, k) for k in cfg.soup.UNKEYED},
+        soup=soup,
         selection=payload["selection"],
         ingredients=payload["ingredients"],
         candidates=payload["candidates"],
@@ -131,11 +122,10 @@ def write_artifact(
 
 
 def run(cfg: ExperimentConfig, store: RunStore, base_dir: str, data_dir: str, sft_dir: str) -> str:
-    sft_id = Path(sft_dir).name
-    key = soup_key(cfg, sft_id)
-    # A local copy of the SFT artifact when the run root is remote (the task reads adapter files).
-    sft_local = str(store.local_path("sft", sft_id.removeprefix("sft-")))
     inputs = {"sft": sft_dir, "model": base_dir, "data": data_dir}
+    key = store.stage_key("soup", cfg.keyed("soup"), inputs, cfg.run.seed)
+    # A local copy of the SFT artifact when the run root is remote (the task reads adapter files).
+    sft_local = store.in_artifact(sft_dir)
 
     def build() -> None:
         import ray
@@ -151,9 +141,7 @@ def run(cfg: ExperimentConfig, store: RunStore, base_dir: str, data_dir: str, sf
         write_artifact(cfg, store, key, payload, inputs, sft_local, time.time() - start)
 
     path = stage("soup", key, store, build)
-    print_summary(
-        store.manifest("soup", key) or {}, pd.read_parquet(Path(store.local_path("soup", key)) / TABLE)
-    )
+    print_summary(store.manifest("soup", key) or {}, pd.read_parquet(store.in_artifact(path, TRIALS)))
     return path
 
 
@@ -177,11 +165,10 @@ def print_summary(manifest: dict, trials: pd.DataFrame) -> None:
 
 @cli
 def main(argv: list[str] | None = None) -> None:
+    from ray_jobs import pipeline
+
     cfg, store = parse_args(__doc__, argv)
-    base_dir = model_job.run(cfg, store)
-    data_dir = data_job.run(cfg, store)
-    sft_dir = sft_job.run(cfg, store, base_dir, data_dir)
-    print(run(cfg, store, base_dir, data_dir, sft_dir))
+    print(pipeline.run(cfg, store, until="soup").soup)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,19 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 
 @pytest.fixture(scope="session")
+def local_ray():
+    """One local Ray (2 CPUs, loopback) for every test that runs a stage on Ray; the drivers' ``connect()`` finds
+    it. Starting Ray costs ~10 s on 2 cores, and its idle workers, torch already imported, serve later tests.
+    Tests that need Ray nodes of their own (``cluster``) start them separately."""
+    import ray
+
+    env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The real chart-QA data beside the checkout; tests that need it skip where it is absent."""
     if not SHARED_DATA.is_dir():

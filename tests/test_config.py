@@ -21,13 +21,13 @@ def test_study_config_matches_the_study():
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "study.yaml")
     assert cfg.model.name == "llava-hf/llava-1.5-7b-hf" and cfg.model.load_in_4bit
     trials = cfg.sft.trials()
-    assert {(t["lora_alpha"], t["lora_dropout"]) for t in trials} == {
+    assert {(t.lora_alpha, t.lora_dropout) for t in trials} == {
         (16, 0.05),
         (16, 0.1),
         (8, 0.05),
         (8, 0.1),
     }
-    assert {t["lora_r"] for t in trials} == {16}
+    assert {t.lora_r for t in trials} == {16}
 
 
 def _write(tmp_path, data) -> Path:
@@ -74,7 +74,7 @@ def test_overrides_are_typed_and_checked(tmp_path):
     path = _write(tmp_path, {})
     cfg = load_config(path, ["sft.learning_rate=5e-4", "sft.grid={lora_dropout: [0.0, 0.1]}", "run.seed=3"])
     assert cfg.sft.learning_rate == 5e-4 and cfg.run.seed == 3
-    assert [t["lora_dropout"] for t in cfg.sft.trials()] == [0.0, 0.1]
+    assert [t.lora_dropout for t in cfg.sft.trials()] == [0.0, 0.1]
     with pytest.raises(ConfigError, match="sft.epochs: must be > 0"):
         load_config(path, ["sft.epochs=0"])
     with pytest.raises(ConfigError, match="expected key.path=value"):

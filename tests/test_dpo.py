@@ -327,8 +327,9 @@ def test_the_dpo_driver_s_flags_are_on_its_one_parser(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_dpo_runs_as_a_tune_trial_and_skips_when_done(setup, tiny_model_dir, tiny_config, tmp_path):
-    import ray
+def test_dpo_runs_as_a_tune_trial_and_skips_when_done(
+    setup, tiny_model_dir, tiny_config, tmp_path, local_ray
+):
 
     from ray_jobs import dpo as dpo_job
 
@@ -346,17 +347,13 @@ def test_dpo_runs_as_a_tune_trial_and_skips_when_done(setup, tiny_model_dir, tin
     # One pair too long for dpo.max_length (256): under data.bad_rows: skip it is counted, the rest train.
     pairs = _with_a_long_pair(setup["pairs"], tmp_path / "pairs-long")
     args = (cfg, store, str(tiny_model_dir), str(setup["start"]), str(pairs))
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
-    try:
-        path = dpo_job.run(*args)
-    finally:
-        ray.shutdown()
+    path = dpo_job.run(*args)
     manifest = store.manifest("dpo", path.rsplit("dpo-", 1)[1])
     assert manifest["inputs"]["start_adapter"] == str(setup["start"])
     assert abs(manifest["metrics"]["first_loss"] - math.log(2)) < 1e-4
     assert manifest["metrics"]["pairs_too_long"] == 1 and manifest["metrics"]["train_pairs"] == 8
     assert manifest["metrics"]["pairs_too_long_examples"] == {"too_long": ["long-one"]}
-    curve = pd.read_parquet(f"{path}/{dpo_job.CURVE}")
+    curve = pd.read_parquet(f"{path}/{dpo_job.CURVES}")
     assert len(curve) == 2 and (curve["round"] == 1).all()
     assert {"loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"} <= set(
         curve

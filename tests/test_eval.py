@@ -160,9 +160,8 @@ def test_prepared_prompts_generate_what_the_processor_batch_does(tiny_model_dir,
 
 @pytest.mark.slow
 def test_ray_data_eval_writes_one_row_per_variant_and_example(
-    tiny_model_dir, tiny_data_dir, tiny_config, tmp_path
+    tiny_model_dir, tiny_data_dir, tiny_config, tmp_path, local_ray
 ):
-    import ray
 
     from ray_jobs import eval as eval_job
     from vlm_posttrain.evaluation import Variant
@@ -173,11 +172,7 @@ def test_ray_data_eval_writes_one_row_per_variant_and_example(
     )
     adapter = _write_adapter(tiny_model_dir, tmp_path / "adapter")
     variants = [Variant("base"), Variant("sft/x", str(adapter))]
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
-    try:
-        path = eval_job.run(cfg, RunStore(cfg.run.root), str(tiny_model_dir), str(tiny_data_dir), variants)
-    finally:
-        ray.shutdown()
+    path = eval_job.run(cfg, RunStore(cfg.run.root), str(tiny_model_dir), str(tiny_data_dir), variants)
     table = pd.read_parquet(f"{path}/{eval_job.TABLE}")
     n_test = min(4, len(load_split(tiny_data_dir, "test")))
     assert len(table) == 2 * 2 * n_test
@@ -191,9 +186,10 @@ def _write_adapter(model_dir, out):
     from peft import get_peft_model
 
     from vlm_posttrain import modeling
-    from vlm_posttrain.config import LORA_LANGUAGE_TARGET, ModelConfig
+    from vlm_posttrain.config import LORA_LANGUAGE_TARGET, ModelConfig, SftConfig
 
     base = modeling.load_base(str(model_dir), ModelConfig(name=str(model_dir)))
-    peft = get_peft_model(base, modeling.lora_config(4, 8, 0.0, LORA_LANGUAGE_TARGET, False))
+    lora = modeling.lora_config(SftConfig(lora_r=4, lora_alpha=8, lora_dropout=0.0), LORA_LANGUAGE_TARGET)
+    peft = get_peft_model(base, lora)
     peft.save_pretrained(out)
     return out

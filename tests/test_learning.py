@@ -46,9 +46,10 @@ def world(tmp_path_factory):
 
 def _train(cfg, root: Path, name: str) -> Path:
     out = root / name
-    params = cfg.sft.trials()[0]
     model_cfg = ModelConfig(name=str(root / "base"))
-    sft_stage.train_trial(params, cfg.sft, model_cfg, root / "base", root / "data", out, seed=cfg.run.seed)
+    sft_stage.train_trial(
+        cfg.sft.trials()[0], model_cfg, root / "base", root / "data", out, seed=cfg.run.seed
+    )
     return max(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
 
 

@@ -95,8 +95,7 @@ def pairs_from_samples(pairs_dir: str, data_dir: str, out: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def run(llava15_legacy_dir, shared_data, tmp_path_factory):
-    import ray
+def run(llava15_legacy_dir, shared_data, tmp_path_factory, local_ray):
 
     from ray_jobs import data as data_job
     from ray_jobs import dpo as dpo_job
@@ -113,21 +112,17 @@ def run(llava15_legacy_dir, shared_data, tmp_path_factory):
         overrides(llava15_legacy_dir, shared_data / "lrv_chart_train", root / "run"),
     )
     store = RunStore(cfg.run.root)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        out = {"cfg": cfg, "base": model_job.run(cfg, store)}
-        out["data"] = data_job.run(cfg, store)
-        out["sft"] = sft_job.run(cfg, store, out["base"], out["data"])
-        out["soup"] = soup_job.run(cfg, store, out["base"], out["data"], out["sft"])
-        policy = pairs_job.in_artifact(store, out["soup"], soup_job.ADAPTER_DIR)
-        out["pairs"] = pairs_job.run(cfg, store, out["base"], out["data"], policy)
-        pairs = pairs_from_samples(out["pairs"], out["data"], root / "pairs-from-samples")
-        out["dpo"] = dpo_job.run(cfg, store, out["base"], policy, str(pairs), 1)
-        variants = eval_job.variants_of(cfg, out["sft"], out["soup"], [out["dpo"]])
-        out["eval"] = eval_job.run(cfg, store, out["base"], out["data"], variants)
-        out["report"] = report_job.run(cfg, store)
-    finally:
-        ray.shutdown()
+    out = {"cfg": cfg, "base": model_job.run(cfg, store)}
+    out["data"] = data_job.run(cfg, store)
+    out["sft"] = sft_job.run(cfg, store, out["base"], out["data"])
+    out["soup"] = soup_job.run(cfg, store, out["base"], out["data"], out["sft"])
+    policy = store.in_artifact(out["soup"], soup_job.ADAPTER)
+    out["pairs"] = pairs_job.run(cfg, store, out["base"], out["data"], policy)
+    pairs = pairs_from_samples(out["pairs"], out["data"], root / "pairs-from-samples")
+    out["dpo"] = dpo_job.run(cfg, store, out["base"], policy, str(pairs), 1)
+    variants = eval_job.variants_of(cfg, out["sft"], out["soup"], [out["dpo"]])
+    out["eval"] = eval_job.run(cfg, store, out["base"], out["data"], variants)
+    out["report"] = report_job.run(cfg, store)
     return out
 
 
@@ -170,11 +165,11 @@ def test_pairs_sample_k_answers_per_prompt_and_judge_each_in_both_orders(run):
 def test_dpo_starts_at_ln2_on_every_pair(run):
     metrics = manifest(run["dpo"])["metrics"]
     assert abs(metrics["first_loss"] - math.log(2)) < 1e-2 and metrics["train_pairs"] == 4
-    assert metrics["steps"] == 2 and len(pd.read_parquet(Path(run["dpo"]) / "metrics.parquet")) == 2
+    assert metrics["steps"] == 2 and len(pd.read_parquet(Path(run["dpo"]) / "curves.parquet")) == 2
 
 
 def test_eval_answers_every_variant_and_the_report_is_written(run):
-    table = pd.read_parquet(Path(run["eval"]) / "evaluation.parquet")
+    table = pd.read_parquet(Path(run["eval"]) / "eval.parquet")
     variants = set(table["variant"])
     assert {"base", "dpo/round1"} <= variants and sum(v.startswith("sft/") for v in variants) == 2
     assert sum(v.startswith("soup/") for v in variants) == 1

@@ -243,9 +243,9 @@ def _trainer(model_dir, data_dir, tmp_path, load_in_4bit):
     train, _ = to_sft_dataset(load_split(data_dir, "train"), processor, 512, "skip")
     model_cfg = ModelConfig(name=str(model_dir), load_in_4bit=load_in_4bit)
     base = modeling.load_base(str(model_dir), model_cfg)
-    model = modeling.attach_lora(base, modeling.lora_config(8, 16, 0.05, model_cfg.lora_target, False), 0)
-    params = {"epochs": 1, "learning_rate": 1e-3}
-    args = trainer_args(SftConfig(batch_size=8), params, tmp_path, 0, "float32", with_eval=False)
+    sft = SftConfig(learning_rate=1e-3, batch_size=8, lora_r=8, lora_alpha=16, lora_dropout=0.05)
+    model = modeling.attach_lora(base, modeling.lora_config(sft, model_cfg.lora_target), 0)
+    args = trainer_args(sft, tmp_path, 0, "float32", with_eval=False)
     return base.config, SFTTrainer(model=model, args=args, train_dataset=train, processing_class=processor)
 
 

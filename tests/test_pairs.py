@@ -12,7 +12,7 @@ import torch
 from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
 from vlm_posttrain import dpo, prompts
-from vlm_posttrain.config import ConfigError, ModelConfig, PairsConfig
+from vlm_posttrain.config import ConfigError, ModelConfig, PairsConfig, SftConfig
 from vlm_posttrain.data import decode_image, load_split
 from vlm_posttrain.generation import Generator, Sampling, SeededGumbelSampler
 from vlm_posttrain.judges import (
@@ -408,30 +408,28 @@ def test_pairs_config_is_checked(tiny_config):
         tiny_config(pairs={"temperature": 0.0})
     with pytest.raises(ConfigError, match="pairs.k"):
         tiny_config(pairs={"k": 1})
-    assert "actors" not in PairsConfig().section() and "k" in PairsConfig().section()
+    keyed = tiny_config().keyed("pairs")
+    assert "actors" not in keyed and "k" in keyed
 
 
 @pytest.mark.slow
-def test_ray_data_stage_publishes_pairs(tiny_config, tiny_model_dir, tiny_data_dir, tmp_path):
+def test_ray_data_stage_publishes_pairs(tiny_config, tiny_model_dir, tiny_data_dir, tmp_path, local_ray):
     """The driver on actor pools (generator, then self judge), published with its diagnostics; a rerun skips."""
-    import ray
 
     from ray_jobs import pairs as pairs_job
     from vlm_posttrain import modeling
 
     base = modeling.load_base(str(tiny_model_dir), ModelConfig(name=str(tiny_model_dir)))
-    lora = modeling.lora_config(4, 8, 0.0, ModelConfig("x").lora_target, False)
+    lora = modeling.lora_config(
+        SftConfig(lora_r=4, lora_alpha=8, lora_dropout=0.0), ModelConfig("x").lora_target
+    )
     modeling.attach_lora(base, lora, seed=0).save_pretrained(str(tmp_path / "adapter"))
     cfg = tiny_config(
         pairs={"limit": 4, "k": 2, "batch_size": 2, "max_new_tokens": 4, "num_cpus": 1, "tie_margin": 0.0}
     )
     store = pairs_job.RunStore(cfg.run.root)
     args = (cfg, store, str(tiny_model_dir), str(tiny_data_dir), str(tmp_path / "adapter"))
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
-    try:
-        path = pairs_job.run(*args)
-    finally:
-        ray.shutdown()
+    path = pairs_job.run(*args)
     manifest = json.loads(
         (tmp_path / "run" / "pairs" / path.rsplit("/", 1)[-1] / "manifest.json").read_text()
     )

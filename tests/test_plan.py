@@ -80,9 +80,9 @@ def test_tiny_plan(tiny_config, capsys):
     lines = re.findall(r"^  trial (\d+): (.*?)  ~([\d.]+) GB  (\d+) steps", out, re.M)
     trials = cfg.sft.trials()
     assert len(lines) == len(trials) == 4
-    for (_, values, _, steps), params in zip(lines, trials, strict=True):
-        assert values == " ".join(f"{k}={params[k]}" for k in cfg.sft.grid)
-        assert int(steps) == per_epoch * params["epochs"]
+    for (_, values, _, steps), trial in zip(lines, trials, strict=True):
+        assert values == " ".join(f"{k}={getattr(trial, k)}" for k in cfg.sft.grid)
+        assert int(steps) == per_epoch * trial.epochs
     assert f"total: {per_epoch * 6} optimizer steps" in out
     # Generation work: pairs.limit prompts x k x new tokens; eval: test rows x (base + 4 trials + soup + dpo).
     p, e = cfg.pairs, cfg.eval
@@ -96,7 +96,7 @@ def test_tiny_plan(tiny_config, capsys):
     plan = build_plan(cfg)
     assert plan.problems == ()
     assert plan.kept_train == kept
-    assert list(plan.trials["steps"]) == [per_epoch * t["epochs"] for t in trials]
+    assert list(plan.trials["steps"]) == [per_epoch * t.epochs for t in trials]
     assert list(plan.rows["rows"]) == [len(by_split[s]) for s in ("train", "val", "test")]
     assert plan.variants[0] == "base" and plan.variants[-1] == "dpo/round1" and len(plan.variants) == 7
 

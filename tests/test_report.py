@@ -51,10 +51,10 @@ def _fake_run(root, evaluation, eval_loss=(1.1, 1.2)):
         }
     )
     _artifact(root, "sft", "a", {"trials.parquet": trials, "curves.parquet": curves})
-    _artifact(root, "eval", "b", {"evaluation.parquet": evaluation})
+    _artifact(root, "eval", "b", {"eval.parquet": evaluation})
     # A half-written artifact (no manifest) is never read.
     (root / "eval" / "eval-zzz").mkdir()
-    (root / "eval" / "eval-zzz" / "evaluation.parquet").write_bytes(b"garbage")
+    (root / "eval" / "eval-zzz" / "eval.parquet").write_bytes(b"garbage")
 
 
 def _linked_files_exist(report):
@@ -87,11 +87,7 @@ def _fake_evaluation(shifts=(("base", 0), ("sft/t0", 30), ("sft/t1", 1))) -> pd.
 def test_report_from_fake_run(tmp_path):
     _fake_run(tmp_path / "run", _fake_evaluation())
     run = load_run(tmp_path / "run")
-    assert (
-        len(run.trials) == 2
-        and len(run.evaluation) == 120
-        and list(run.manifests["stage"]) == ["eval", "sft"]
-    )
+    assert len(run.trials) == 2 and len(run.eval) == 120 and list(run.manifests["stage"]) == ["eval", "sft"]
     report = write_report(run, tmp_path / "out")
     text = _linked_files_exist(report)
     assert "loss_curves.png" in text and "Paired differences against base" in text
@@ -163,7 +159,7 @@ def test_report_opens_with_a_summary_of_the_evaluation(tmp_path):
 
 def test_summary_without_evaluation_says_so_in_one_line(tmp_path):
     curve = pd.DataFrame({"round": [1], "step": [1], "loss": [0.69], "rewards/margins": [0.0]})
-    _artifact(tmp_path / "run", "dpo", "d", {"metrics.parquet": curve}, {"train_pairs": 3})
+    _artifact(tmp_path / "run", "dpo", "d", {"curves.parquet": curve}, {"train_pairs": 3})
     text = write_report(load_run(tmp_path / "run"), tmp_path / "out").read_text()
     summary = _section(text, "## Summary").strip().splitlines()
     assert summary == ["## Summary", "", "No evaluation data in this run: nothing to summarize."]
@@ -226,7 +222,7 @@ def test_best_trial_without_validation_loss_is_no_comparison(trials, reason):
 
 
 def test_report_without_trial_table_makes_no_best_trial_comparison(tmp_path):
-    _artifact(tmp_path / "run", "eval", "b", {"evaluation.parquet": _fake_evaluation()})
+    _artifact(tmp_path / "run", "eval", "b", {"eval.parquet": _fake_evaluation()})
     out = tmp_path / "out"
     text = _linked_files_exist(write_report(load_run(tmp_path / "run"), out))
     assert "No best-trial comparison: the run has no SFT trial table" in text
@@ -303,7 +299,7 @@ def test_report_counts_the_dpo_pairs_skipped_as_too_long(tmp_path):
         {"round": [1, 1], "step": [1, 2], "loss": [0.69, 0.6], "rewards/margins": [0.0, 0.1]}
     )
     metrics = {"train_pairs": 30, "pairs_too_long": 2, "pairs_too_long_examples": {"too_long": ["a", "b"]}}
-    _artifact(tmp_path / "run", "dpo", "d", {"metrics.parquet": curve}, metrics)
+    _artifact(tmp_path / "run", "dpo", "d", {"curves.parquet": curve}, metrics)
     run = load_run(tmp_path / "run")
     assert run.manifests.loc[0, "metric/pairs_too_long"] == 2  # scalar metrics only: no dict column
     assert "metric/pairs_too_long_examples" not in run.manifests

@@ -1,6 +1,10 @@
 """The SFT stage: supervised tokens are exactly the answers, LoRA sits on the language model only, and the
 grid runs as Ray Tune trials whose adapters all trained."""
 
+import dataclasses
+import json
+from pathlib import Path
+
 import pandas as pd
 import pytest
 import torch
@@ -8,7 +12,7 @@ from safetensors.torch import load_file
 from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
 from vlm_posttrain import modeling
-from vlm_posttrain.config import LORA_LANGUAGE_TARGET, ModelConfig
+from vlm_posttrain.config import LORA_LANGUAGE_TARGET, ModelConfig, SftConfig
 from vlm_posttrain.data import DataError, load_split
 from vlm_posttrain.sft import to_sft_dataset
 
@@ -79,7 +83,8 @@ def test_too_long_examples_are_counted_or_fatal(tiny_model_dir):
 
 def _lora(model_dir, r, alpha, dropout, seed=0, train_projector=False):
     base = modeling.load_base(str(model_dir), ModelConfig(name=str(model_dir)))
-    cfg = modeling.lora_config(r, alpha, dropout, LORA_LANGUAGE_TARGET, train_projector)
+    sft = SftConfig(lora_r=r, lora_alpha=alpha, lora_dropout=dropout, train_projector=train_projector)
+    cfg = modeling.lora_config(sft, LORA_LANGUAGE_TARGET)
     return modeling.attach_lora(base, cfg, seed)
 
 
@@ -97,8 +102,7 @@ def test_lora_only_on_language_model_and_same_rank_starts_identical(tiny_model_d
 
 
 @pytest.mark.slow
-def test_tune_grid_trains_every_lora_parameter(tiny_model_dir, tiny_data_dir, tiny_config):
-    import ray
+def test_tune_grid_trains_every_lora_parameter(tiny_model_dir, tiny_data_dir, tiny_config, local_ray):
 
     from ray_jobs import sft as sft_job
 
@@ -107,14 +111,23 @@ def test_tune_grid_trains_every_lora_parameter(tiny_model_dir, tiny_data_dir, ti
         resources={"cpus_per_trial": 1, "max_concurrent_trials": 2},
     )
     store = sft_job.RunStore(cfg.run.root)
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
-    try:
-        path = sft_job.run(cfg, store, str(tiny_model_dir), str(tiny_data_dir))
-    finally:
-        ray.shutdown()
+    path = sft_job.run(cfg, store, str(tiny_model_dir), str(tiny_data_dir))
     table = pd.read_parquet(f"{path}/trials.parquet")
     assert len(table) == 2 and sorted(table["config/lora_alpha"]) == [8, 16]
-    assert table["eval_loss"].notna().all() and table["train_loss"].notna().all()
+    # Each trial trained as its own typed config (the section at its grid point): PEFT's saved LoRA config and
+    # the adapter's provenance say so, and Tune ran exactly the points SftConfig.trials expands.
+    trials = {t.lora_alpha: t for t in cfg.sft.trials()}
+    for _, row in table.iterrows():
+        trial = trials[row["config/lora_alpha"]]
+        peft = json.loads(Path(path, row["adapter"], "adapter_config.json").read_text())
+        assert (peft["r"], peft["lora_alpha"], peft["lora_dropout"]) == (
+            trial.lora_r,
+            trial.lora_alpha,
+            trial.lora_dropout,
+        )
+        provenance = json.loads(Path(path, row["adapter"], "provenance.json").read_text())
+        assert provenance["config"]["sft"] == dataclasses.asdict(trial)
+        assert provenance["trial_id"] == row["trial_id"]
     init = {n: p.detach() for n, p in _lora(tiny_model_dir, 8, 16, 0.05).named_parameters() if "lora_" in n}
     for adapter in table["adapter"]:
         trained = load_file(f"{path}/{adapter}/adapter_model.safetensors")
@@ -130,7 +143,6 @@ def test_tune_grid_trains_every_lora_parameter(tiny_model_dir, tiny_data_dir, ti
 def test_qlora_trial_trains_on_a_4bit_language_model(tiny_model_dir, tiny_data_dir, tmp_path):
     import bitsandbytes as bnb
 
-    from vlm_posttrain.config import SftConfig
     from vlm_posttrain.sft import train_trial
 
     cfg = ModelConfig(name=str(tiny_model_dir), load_in_4bit=True)
@@ -140,12 +152,10 @@ def test_qlora_trial_trains_on_a_4bit_language_model(tiny_model_dir, tiny_data_d
         if isinstance(m, bnb.nn.Linear4bit)
     ]
     assert quantized and all(n.startswith("model.language_model.") for n in quantized)
-    params = dict(
-        learning_rate=1e-3, epochs=1.0, lora_r=4, lora_alpha=8, lora_dropout=0.0, train_projector=False
+    sft = SftConfig(
+        learning_rate=1e-3, lora_r=4, lora_alpha=8, lora_dropout=0.0, batch_size=8, logging_steps=2
     )
-    metrics = train_trial(
-        params, SftConfig(batch_size=8, logging_steps=2), cfg, tiny_model_dir, tiny_data_dir, tmp_path, 0
-    )
+    metrics = train_trial(sft, cfg, tiny_model_dir, tiny_data_dir, tmp_path, 0)
     assert metrics["eval_loss"] > 0 and metrics["train_examples"] == len(load_split(tiny_data_dir, "train"))
     (checkpoint,) = tmp_path.glob("checkpoint-*")
     trained = load_file(checkpoint / "adapter_model.safetensors")
@@ -154,11 +164,10 @@ def test_qlora_trial_trains_on_a_4bit_language_model(tiny_model_dir, tiny_data_d
 
 @pytest.mark.slow
 def test_an_input_problem_inside_a_trial_ends_the_run_in_one_line_without_a_retry(
-    tiny_model_dir, tiny_data_dir, tiny_config, tmp_path, capsys
+    tiny_model_dir, tiny_data_dir, tiny_config, tmp_path, capsys, local_ray
 ):
     """No example fits sft.max_length: the trial's DataError is reported, not raised, so Tune (max_failures=2)
     retries nothing, and the driver ends with one line and exit 2."""
-    import ray
 
     from ray_jobs import sft as sft_job
     from ray_jobs.session import INPUT_ERROR, InputError, cli
@@ -168,17 +177,13 @@ def test_an_input_problem_inside_a_trial_ends_the_run_in_one_line_without_a_retr
         resources={"cpus_per_trial": 1, "max_failures": 2},
     )
     store = sft_job.RunStore(cfg.run.root)
-    ray.init(num_cpus=1, include_dashboard=False, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
-    try:
-        results = sft_job.make_tuner(cfg, store, "k", str(tiny_model_dir), str(tiny_data_dir)).fit()
-    finally:
-        ray.shutdown()
+    results = sft_job.make_tuner(cfg, store, "k", str(tiny_model_dir), str(tiny_data_dir)).fit()
     assert len(results) == 2 and all(r.error is None for r in results)  # nothing failed, nothing retried
     assert all(r.metrics[INPUT_ERROR].startswith("no example fits sft.max_length=8") for r in results)
     with pytest.raises(InputError, match="no example fits sft.max_length=8"):
         sft_job.raise_input_errors(results)
     capsys.readouterr()  # Ray's start-up lines
     with pytest.raises(SystemExit) as exit_info:
-        cli(sft_job.collect_adapters)(results, tmp_path)
+        cli(sft_job.collect_adapters)(cfg, results, tmp_path, {})
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and err == ["error: no example fits sft.max_length=8; raise it"]

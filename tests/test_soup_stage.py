@@ -108,15 +108,6 @@ def test_soup_config_loads_and_validates(tiny_config):
         tiny_config(soup={"alpha": 1})
 
 
-def test_soup_key_ignores_resources(tiny_config):
-    from ray_jobs.soup import soup_key
-
-    base = soup_key(tiny_config(), "sft-x")
-    assert soup_key(tiny_config(soup={"num_cpus": 4, "num_gpus": 1}), "sft-x") == base
-    assert soup_key(tiny_config(soup={"select": "all"}), "sft-x") != base
-    assert soup_key(tiny_config(), "sft-y") != base
-
-
 # --------------------------------------------------------------------------- selection
 
 
@@ -306,7 +297,7 @@ def test_greedy_with_real_val_loss(adapters, tiny_model_dir, tiny_data_dir, tmp_
 
 
 @pytest.mark.slow  # ~30 s: starting Ray, then a fresh worker importing torch/transformers/trl
-def test_driver_runs_the_soup_as_a_ray_task(adapters, tiny_model_dir, tiny_data_dir, tiny_config):
+def test_driver_runs_the_soup_as_a_ray_task(adapters, tiny_model_dir, tiny_data_dir, tiny_config, local_ray):
     import ray
 
     from ray_jobs import soup as soup_job
@@ -316,13 +307,9 @@ def test_driver_runs_the_soup_as_a_ray_task(adapters, tiny_model_dir, tiny_data_
     store = RunStore(cfg.run.root)
     rows = [("t1", "a", 0.9), ("t2", "b", 1.2), ("t3", "c", 1.0)]  # r=4 {t1, t2} has the best trial
     sft_dir = fake_sft(Path(store.artifact_path("sft", "fake")), adapters, rows)
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
-    try:
-        path = soup_job.run(cfg, store, str(tiny_model_dir), str(tiny_data_dir), str(sft_dir))
-        addresses = {n["NodeManagerAddress"] for n in ray.nodes()}
-        gcs = ray.get_runtime_context().gcs_address
-    finally:
-        ray.shutdown()
+    path = soup_job.run(cfg, store, str(tiny_model_dir), str(tiny_data_dir), str(sft_dir))
+    addresses = {n["NodeManagerAddress"] for n in ray.nodes()}
+    gcs = ray.get_runtime_context().gcs_address
     # tests/conftest.py pins every Ray a test starts to loopback (without it: the machine's address).
     assert addresses == {"127.0.0.1"} and gcs.startswith("127.0.0.1:"), (addresses, gcs)
 

@@ -40,3 +40,29 @@ def test_half_written_artifact_is_not_complete(tmp_path):
 def test_file_uri_root_is_local(tmp_path):
     store = RunStore(f"file://{tmp_path}")
     assert store.is_local and store.uri("sft", "_tune") == f"{tmp_path}/sft/_tune"
+
+
+def _soup_key(store: RunStore, cfg, sft: str) -> str:
+    return store.stage_key("soup", cfg.keyed("soup"), {"sft": f"{store.base}/sft/{sft}"}, cfg.run.seed)
+
+
+def test_stage_key_leaves_out_execution_settings_and_reads_inputs_by_id(tiny_config, tmp_path):
+    store = RunStore(tmp_path / "run")
+    base = _soup_key(store, tiny_config(), "sft-x")
+    assert _soup_key(store, tiny_config(soup={"num_cpus": 4, "num_gpus": 1}), "sft-x") == base
+    assert _soup_key(store, tiny_config(soup={"select": "all"}), "sft-x") != base
+    assert _soup_key(store, tiny_config(), "sft-y") != base
+    assert _soup_key(store, tiny_config(run={"seed": 1}), "sft-x") != base
+    # The same inputs under a moved root: the same key (inputs count by their root-relative id).
+    assert _soup_key(RunStore(tmp_path / "moved"), tiny_config(), "sft-x") == base
+    pairs = tiny_config(pairs={"actors": 3, "batch_size": 2, "num_cpus": 2, "warn_kept_below": 0.5})
+    assert pairs.keyed("pairs") == tiny_config().keyed("pairs") != tiny_config(pairs={"k": 3}).keyed("pairs")
+    assert "rounds" not in tiny_config().keyed("dpo") and "rounds" in tiny_config().section("dpo")
+
+
+def test_refs_and_in_artifact(tmp_path):
+    store = RunStore(tmp_path / "run")
+    assert store.ref(f"{store.base}/soup/soup-k/adapter") == "soup/soup-k/adapter"
+    assert store.ref("llava-hf/llava-1.5-7b-hf") == "llava-hf/llava-1.5-7b-hf"  # a hub id stays as it is
+    assert store.ref(str(tmp_path / "elsewhere")) == str(tmp_path / "elsewhere")
+    assert store.in_artifact(store.artifact_path("dpo", "k"), "adapter") == f"{store.base}/dpo/dpo-k/adapter"

@@ -16,7 +16,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 
@@ -147,6 +147,10 @@ class SftConfig:
                 raise ValueError(f"grid.{key}: not a sweepable key; choose from {', '.join(GRID_KEYS)}")
             if not isinstance(values, list) or not values:
                 raise ValueError(f"grid.{key}: give a non-empty list of values")
+            hint = typing.get_type_hints(SftConfig)[key]
+            for value in values:
+                if not _type_ok(value, hint):
+                    raise ValueError(f"grid.{key}: expected {_describe(hint)} values, got {value!r}")
         for name in ("learning_rate", "epochs"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be > 0")
@@ -155,14 +159,34 @@ class SftConfig:
                 raise ValueError(f"{name}: must be >= 1")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError("lora_dropout: must be in [0, 1)")
+        if self.grid:
+            for trial in self.trials():
+                try:
+                    trial.validate()
+                except ValueError as err:
+                    raise ValueError(f"grid.{err}") from None
 
-    def trials(self) -> list[dict[str, Any]]:
-        """Every grid point as the full set of trial hyperparameters."""
+    def points(self) -> list[dict[str, Any]]:
+        """Every grid point as its swept values, first key slowest (the order Tune's grid_search runs them)."""
         points: list[dict[str, Any]] = [{}]
         for key, values in self.grid.items():
             points = [{**p, key: v} for p in points for v in values]
-        base = {k: getattr(self, k) for k in GRID_KEYS}
-        return [{**base, **p} for p in points]
+        return points
+
+    def at(self, point: dict[str, Any]) -> SftConfig:
+        """This config at one grid point: one trial's whole typed config, with no grid left to sweep."""
+        unknown = sorted(set(point) - set(GRID_KEYS))
+        if unknown:
+            raise ValueError(
+                f"grid point {point}: {', '.join(unknown)} not sweepable; choose from {GRID_KEYS}"
+            )
+        hints = typing.get_type_hints(SftConfig)
+        values = {k: float(v) if hints[k] is float else v for k, v in point.items()}
+        return dataclasses.replace(self, grid={}, **values)
+
+    def trials(self) -> list[SftConfig]:
+        """One typed config per trial: the grid expanded here, and only here."""
+        return [self.at(point) for point in self.points()]
 
 
 @dataclass(frozen=True)
@@ -180,9 +204,11 @@ class SoupConfig:
     svd_rank: int = 0
     # The only weighting so far; the soup math itself takes any non-negative weights.
     weights: Literal["uniform"] = "uniform"
-    # Resources of the one Ray task (not part of the artifact's hash).
+    # Resources of the one Ray task.
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+    # Settings that never change what the artifact holds: left out of its key (ExperimentConfig.keyed).
+    UNKEYED: ClassVar[tuple[str, ...]] = ("num_cpus", "num_gpus")
 
     def validate(self) -> None:
         if self.top_k < 1:
@@ -218,14 +244,15 @@ class PairsConfig:
     # Critic judge: tokens the critic may write for its verdict and reasoning.
     critic_max_new_tokens: int = 256
     # The stage warns when fewer than this share of its prompts keep a pair (DPO would learn from few).
-    # Not part of the artifact's hash, like the execution settings below.
     warn_kept_below: float = 0.25
-    # Execution only (not part of the artifact's hash): actors per pool (one generator pool, one judge
-    # pool), prompts per batch (and model inputs per judge forward), resources of each actor.
+    # Execution: actors per pool (one generator pool, one judge pool), prompts per batch (and model inputs
+    # per judge forward), resources of each actor.
     actors: int = 1
     batch_size: int = 8
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+    # Settings that never change what the artifact holds: left out of its key (ExperimentConfig.keyed).
+    UNKEYED: ClassVar[tuple[str, ...]] = ("actors", "batch_size", "num_cpus", "num_gpus", "warn_kept_below")
 
     def validate(self) -> None:
         if self.judge == "critic" and not self.critic_model:
@@ -250,11 +277,6 @@ class PairsConfig:
         if not 0.0 <= self.num_gpus <= 8:
             raise ValueError("num_gpus: must be between 0 and 8")
 
-    def section(self) -> dict[str, Any]:
-        """The settings that decide the artifact's content (its hash): resources and concurrency left out."""
-        skip = {"actors", "batch_size", "num_cpus", "num_gpus", "warn_kept_below"}
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
-
 
 @dataclass(frozen=True)
 class DpoConfig:
@@ -277,6 +299,8 @@ class DpoConfig:
     holdout_fraction: float = 0.0
     # pairs -> dpo rounds; round r trains from round r-1's policy on pairs that policy generated.
     rounds: int = 1
+    # How many rounds follow never changes one round's adapter: left out of its key (the round is an input).
+    UNKEYED: ClassVar[tuple[str, ...]] = ("rounds",)
 
     def validate(self) -> None:
         for name in ("beta", "learning_rate", "epochs"):
@@ -289,10 +313,6 @@ class DpoConfig:
             raise ValueError("warmup_ratio: must be in [0, 1)")
         if not 0.0 <= self.holdout_fraction < 1.0:
             raise ValueError("holdout_fraction: must be in [0, 1) (0 trains on every pair)")
-
-    def section(self) -> dict[str, Any]:
-        """The settings that decide one round's adapter (its hash): how many rounds follow is left out."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "rounds"}
 
 
 @dataclass(frozen=True)
@@ -313,11 +333,13 @@ class EvalConfig:
     critic_model: str = ""
     critic_mode: Literal["generate", "expected"] = "generate"
     critic_max_new_tokens: int = 256
-    # Execution only (not part of the artifact's hash).
+    # Execution.
     actors: int = 1
     batch_size: int = 16
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+    # Settings that never change the answers and scores: left out of the artifact's key.
+    UNKEYED: ClassVar[tuple[str, ...]] = ("actors", "batch_size", "num_cpus", "num_gpus")
 
     def validate(self) -> None:
         for kind in self.variants:
@@ -345,11 +367,6 @@ class EvalConfig:
                 raise ValueError(f"{name}: must be >= 1")
         if self.limit < 0:
             raise ValueError("limit: must be >= 0 (0 uses every test prompt)")
-
-    def section(self) -> dict[str, Any]:
-        """The settings that decide the answers and scores (the artifact's hash): execution left out."""
-        skip = {"actors", "batch_size", "num_cpus", "num_gpus"}
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
 
 @dataclass(frozen=True)
@@ -391,8 +408,14 @@ class ExperimentConfig:
     source: str = field(default="", metadata={"internal": True})
 
     def section(self, name: str) -> dict[str, Any]:
-        """One section as plain data, for hashing and manifests."""
+        """One section as plain data, as every manifest records it."""
         return dataclasses.asdict(getattr(self, name))
+
+    def keyed(self, name: str) -> dict[str, Any]:
+        """One section as its artifact's key sees it: without the settings that never change what the stage
+        makes (its ``UNKEYED``: resources, pool and batch sizes, a warning threshold)."""
+        unkeyed = getattr(type(getattr(self, name)), "UNKEYED", ())
+        return {k: v for k, v in self.section(name).items() if k not in unkeyed}
 
 
 def _type_ok(value: Any, hint: Any) -> bool:

@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from vlm_posttrain.config import DataConfig
+from vlm_posttrain.layout import FILES
 
 SPLITS = ("train", "val", "test")
 COLUMNS = ("example_id", "image", "conversations", "source", "answer_type", "group")
@@ -283,13 +284,13 @@ def split_rows(cfg: DataConfig, seed: int, where: str) -> tuple[dict[str, list[d
             by_split[split_of(row["group"], seed, cfg.val_fraction, cfg.test_fraction)].append(row)
         return by_split, rows, rejects
     folder = Path(cfg.path)
-    if not all((folder / f"{s}.parquet").is_file() for s in SPLITS):
+    if not all((folder / FILES["data"][s]).is_file() for s in SPLITS):
         raise DataError(
             f"{where}: needs train.parquet, val.parquet and test.parquet (e.g. a pairs best_of_k/)"
         )
     by_split, rejects = {}, Rejects()
     for split in SPLITS:
-        records = pd.read_parquet(folder / f"{split}.parquet").to_dict("records")
+        records = pd.read_parquet(folder / FILES["data"][split]).to_dict("records")
         for row in records:
             row["conversations"] = [dict(t) for t in row["conversations"]]
         if records:
@@ -310,7 +311,7 @@ def build_splits(cfg: DataConfig, seed: int, out_dir: Path) -> dict:
         raise DataError("the split left no training rows; lower data.val_fraction / data.test_fraction")
     out_dir.mkdir(parents=True, exist_ok=True)
     for split, kept in by_split.items():
-        pd.DataFrame(kept, columns=list(COLUMNS)).to_parquet(out_dir / f"{split}.parquet", index=False)
+        pd.DataFrame(kept, columns=list(COLUMNS)).to_parquet(out_dir / FILES["data"][split], index=False)
     downscaled = [r["example_id"] for r in rows if r.get("downscaled_from")]
     return {
         "data_hash": data_hash(rows),
@@ -323,7 +324,7 @@ def build_splits(cfg: DataConfig, seed: int, out_dir: Path) -> dict:
 def load_split(data_dir: str | Path, split: str) -> pd.DataFrame:
     if split not in SPLITS:
         raise ValueError(f"split '{split}': choose one of {', '.join(SPLITS)}")
-    path = Path(data_dir) / f"{split}.parquet"
+    path = Path(data_dir) / FILES["data"][split]
     if not path.is_file():
         raise DataError(f"{path}: split file missing; re-run the data stage")
     return pd.read_parquet(path)

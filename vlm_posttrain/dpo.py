@@ -39,16 +39,18 @@ from trl import DPOTrainer
 from trl.trainer import utils as trl_utils
 from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
 
-from vlm_posttrain import modeling, prompts
+from vlm_posttrain import modeling, prompts, training
 from vlm_posttrain.config import DpoConfig, ModelConfig
 from vlm_posttrain.data import DataError, Rejects, decode_image
+from vlm_posttrain.layout import FILES
 from vlm_posttrain.sft import image_token_count
 
 PAIR_COLUMNS = ("images", "prompt", "chosen", "rejected")
-PAIRS_FILE = "pairs.parquet"
-POLICY = "policy"  # <out_dir>/policy/: the finished run (adapter/, metrics.parquet, summary.json)
-ADAPTER = "adapter"
-CURVE = "metrics.parquet"
+PAIRS_FILE = FILES["pairs"]["pairs"]
+# <out_dir>/policy/: the finished run, laid out as the DPO artifact (adapter/, curves.parquet) + summary.json
+POLICY = "policy"
+ADAPTER = FILES["dpo"]["adapter"]
+CURVE = FILES["dpo"]["curves"]
 SUMMARY = "summary.json"
 REFERENCE = "ref"  # the name TRL gives the frozen copy of the starting adapter
 CURVE_KEYS = (
@@ -289,37 +291,19 @@ def load_policy(model_cfg: ModelConfig, base_dir: str | Path, start_adapter_dir:
 
 
 def trainer_args(dpo: DpoConfig, out_dir: Path, seed: int, compute_dtype: str) -> TrlDPOConfig:
-    cuda = torch.cuda.is_available()
     return TrlDPOConfig(
-        output_dir=str(out_dir),
-        per_device_train_batch_size=dpo.batch_size,
+        **training.trainer_kwargs(dpo, out_dir, seed, compute_dtype),
         # TRL logs the mean of per-batch means; one pair per batch makes eval_rewards/accuracies the exact
         # share of held-out pairs whose implicit reward margin is positive.
         per_device_eval_batch_size=1,
-        gradient_accumulation_steps=dpo.grad_accum,
-        num_train_epochs=dpo.epochs,
-        learning_rate=dpo.learning_rate,
-        warmup_steps=dpo.warmup_ratio,  # transformers 5: a float < 1 is a ratio
-        weight_decay=dpo.weight_decay,
         beta=dpo.beta,
         loss_type=[dpo.loss_type],
         # Every pair was checked to fit dpo.max_length whole; TRL must cut nothing.
         max_length=None,
         # Not supported for vision data; the reference runs beside the policy (the `ref` adapter).
         precompute_ref_log_probs=False,
-        logging_steps=dpo.logging_steps,
         # Step 1 on its own: its loss is the zero-margin check of the reference.
         logging_first_step=True,
-        save_strategy="epoch",
-        save_total_limit=1,
-        use_cpu=not cuda,
-        bf16=cuda and compute_dtype == "bfloat16",
-        fp16=False,
-        report_to="none",
-        seed=seed,
-        data_seed=seed,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
     )
 
 

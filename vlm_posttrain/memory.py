@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from vlm_posttrain.config import ExperimentConfig
+    from vlm_posttrain.config import ExperimentConfig, SftConfig
 
 GIB = 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -373,23 +373,23 @@ def grid_estimate(cfg: ExperimentConfig, model_config: Any) -> dict[str, int]:
     The sequence length is ``sft.max_length``, the worst case: the SFT stage drops longer examples, and a
     batch is padded to its longest example, so no batch is longer.
     """
-    estimates = [trial_estimate(cfg, model_config, params) for params in cfg.sft.trials()]
+    estimates = [trial_estimate(cfg, model_config, trial) for trial in cfg.sft.trials()]
     return max(estimates, key=lambda e: e["total"])
 
 
 def trial_estimate(
-    cfg: ExperimentConfig, model_config: Any, params: dict, device: str = "cuda"
+    cfg: ExperimentConfig, model_config: Any, trial: SftConfig, device: str = "cuda"
 ) -> dict[str, int]:
-    """One grid point's estimate (``params``: a trial of ``cfg.sft.trials()``) at ``sft.max_length`` tokens."""
+    """One trial's estimate (``trial``: one of ``cfg.sft.trials()``) at ``sft.max_length`` tokens."""
     return estimate_trial_memory(
         model_config,
         cfg.model.load_in_4bit,
-        params["lora_r"],
-        cfg.sft.batch_size,
-        cfg.sft.max_length,
-        train_projector=params["train_projector"],
+        trial.lora_r,
+        trial.batch_size,
+        trial.max_length,
+        train_projector=trial.train_projector,
         compute_dtype=cfg.model.compute_dtype,
-        lora_dropout=params["lora_dropout"],
+        lora_dropout=trial.lora_dropout,
         lora_target=cfg.model.lora_target,
         device=device,
     )

@@ -15,7 +15,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
 
-from vlm_posttrain.config import ModelConfig
+from vlm_posttrain.config import ModelConfig, SftConfig
 from vlm_posttrain.prompts import LLAVA_15_TEMPLATE
 
 # Module names match from the start of the path (bitsandbytes' rule): the short names skip nothing.
@@ -103,13 +103,14 @@ def _fix_cpu_4bit(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def lora_config(r: int, alpha: int, dropout: float, target: str, train_projector: bool) -> LoraConfig:
+def lora_config(sft: SftConfig, target: str) -> LoraConfig:
+    """PEFT's LoRA config of one SFT trial (``sft``: the section at the trial's grid point)."""
     return LoraConfig(
-        r=r,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
+        r=sft.lora_r,
+        lora_alpha=sft.lora_alpha,
+        lora_dropout=sft.lora_dropout,
         target_modules=target,
-        modules_to_save=[PROJECTOR] if train_projector else None,
+        modules_to_save=[PROJECTOR] if sft.train_projector else None,
         bias="none",
         task_type="CAUSAL_LM",
     )

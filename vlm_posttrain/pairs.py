@@ -46,11 +46,11 @@ from vlm_posttrain.judges import (
     best_and_worst,
     tournament,
 )
+from vlm_posttrain.layout import FILES
 
-PAIRS = "pairs.parquet"
-BEST_OF_K = "best_of_k"
-SAMPLES = "samples.parquet"
-DIAGNOSTICS = "diagnostics.parquet"
+PAIRS, BEST_OF_K, SAMPLES, DIAGNOSTICS = (
+    FILES["pairs"][name] for name in ("pairs", "best_of_k", "samples", "diagnostics")
+)
 # The columns of pairs.parquet (DESIGN.md's preference rows, plus which samples were picked).
 PREFERENCE_FEATURES = (
     "images",
@@ -228,9 +228,9 @@ def best_of_k_rows(judged: pd.DataFrame) -> pd.DataFrame:
 def write_sft_data(best: pd.DataFrame, data_dir: str | Path, out_dir: Path) -> None:
     """A data-stage folder: best-of-K as ``train``, the data stage's own ``val`` and ``test`` beside it."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    best.to_parquet(out_dir / "train.parquet", index=False)
+    best.to_parquet(out_dir / FILES["data"]["train"], index=False)
     for split in ("val", "test"):
-        shutil.copy2(Path(data_dir) / f"{split}.parquet", out_dir / f"{split}.parquet")
+        shutil.copy2(Path(data_dir) / FILES["data"][split], out_dir / FILES["data"][split])
 
 
 def sample_rows(judged: pd.DataFrame) -> pd.DataFrame:

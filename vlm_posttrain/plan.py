@@ -175,17 +175,15 @@ def trial_table(cfg: ExperimentConfig, model_config: Any, kept_train: int) -> pd
     """One row per grid point: its swept values, memory estimate at ``sft.max_length`` and optimizer steps."""
     device = "cpu" if cfg.resources.gpus_per_trial == 0 else "cuda"
     rows = []
-    for n, params in enumerate(cfg.sft.trials(), 1):
-        est = trial_estimate(cfg, model_config, params, device)
+    for n, trial in enumerate(cfg.sft.trials(), 1):
+        est = trial_estimate(cfg, model_config, trial, device)
         rows.append(
             {
                 "trial": n,
-                **{f"config/{k}": params[k] for k in cfg.sft.grid},
-                "epochs": params["epochs"],
+                **{f"config/{k}": getattr(trial, k) for k in cfg.sft.grid},
+                "epochs": trial.epochs,
                 "memory_gb": est["total"] / 1e9,
-                "steps": optimizer_steps(
-                    kept_train, cfg.sft.batch_size, cfg.sft.grad_accum, params["epochs"]
-                ),
+                "steps": optimizer_steps(kept_train, trial.batch_size, trial.grad_accum, trial.epochs),
             }
         )
     return pd.DataFrame(rows)

@@ -1,12 +1,13 @@
 """The SFT stage's work: one LoRA (or QLoRA) fine-tuning run of the base VLM with TRL's ``SFTTrainer``.
 
-Each Tune trial (``trainables/sft.py``) calls :func:`train_trial` with its grid point. Examples go to TRL as
+Each Tune trial (``trainables/sft.py``) calls :func:`train_trial` with its own typed config, the SFT section at
+its grid point (``SftConfig.at``). Examples go to TRL as
 ``{"images": [PIL], "messages": [...]}`` rendered by this project's LLaVA-1.5 template, with
 ``assistant_only_loss`` so every assistant turn, and nothing else, is supervised (the study's labels were
 never aligned with the prompt). Batches are padded to their longest example, not to a fixed length, and
 nothing is truncated: an example whose prompt would lose image tokens is skipped or fails by policy first.
 
-    metrics = train_trial(params, cfg.sft, cfg.model, base_dir, data_dir, out_dir, seed=0)
+    metrics = train_trial(cfg.sft.trials()[0], cfg.model, base_dir, data_dir, out_dir, seed=0)
 """
 
 from __future__ import annotations
@@ -18,12 +19,11 @@ from typing import Any
 
 import datasets
 import pandas as pd
-import torch
 from transformers import TrainerCallback
 from trl import SFTConfig as TrlSFTConfig
 from trl import SFTTrainer
 
-from vlm_posttrain import modeling, prompts
+from vlm_posttrain import modeling, prompts, training
 from vlm_posttrain.config import ModelConfig, SftConfig
 from vlm_posttrain.data import DataError, Rejects, decode_image, load_split
 
@@ -68,38 +68,20 @@ def to_sft_dataset(
 
 
 def trainer_args(
-    sft: SftConfig, params: dict, out_dir: Path, seed: int, compute_dtype: str, with_eval: bool
+    sft: SftConfig, out_dir: Path, seed: int, compute_dtype: str, with_eval: bool
 ) -> TrlSFTConfig:
-    cuda = torch.cuda.is_available()
+    """TRL's arguments for one trial, all from its own typed config (``SftConfig.at`` a grid point)."""
     return TrlSFTConfig(
-        output_dir=str(out_dir),
-        per_device_train_batch_size=sft.batch_size,
+        **training.trainer_kwargs(sft, out_dir, seed, compute_dtype),
         per_device_eval_batch_size=sft.batch_size,
-        gradient_accumulation_steps=sft.grad_accum,
-        num_train_epochs=params["epochs"],
-        learning_rate=params["learning_rate"],
-        warmup_steps=sft.warmup_ratio,  # transformers 5: a float < 1 is a ratio
-        weight_decay=sft.weight_decay,
-        logging_steps=sft.logging_steps,
         eval_strategy="epoch" if with_eval else "no",
-        save_strategy="epoch",
-        save_total_limit=1,
         max_length=None,
         assistant_only_loss=True,
-        use_cpu=not cuda,
-        bf16=cuda and compute_dtype == "bfloat16",
-        fp16=False,
-        report_to="none",
-        seed=seed,
-        data_seed=seed,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
         save_only_model=False,
     )
 
 
 def train_trial(
-    params: dict,
     sft: SftConfig,
     model_cfg: ModelConfig,
     base_dir: str | Path,
@@ -110,24 +92,20 @@ def train_trial(
     callbacks: Sequence[TrainerCallback] = (),
     resume_from: str | None = None,
 ) -> dict:
-    """Train one LoRA adapter; returns final metrics. Checkpoints land in ``out_dir/checkpoint-*``."""
+    """Train one LoRA adapter as ``sft`` (one trial's config) says; returns final metrics.
+
+    Checkpoints land in ``out_dir/checkpoint-*``.
+    """
     out_dir = Path(out_dir)
     processor = modeling.load_processor(str(base_dir), model_cfg.trust_remote_code)
     train, train_rejects = to_sft_dataset(load_split(data_dir, "train"), processor, sft.max_length, bad_rows)
     val_df = load_split(data_dir, "val")
     val = to_sft_dataset(val_df, processor, sft.max_length, bad_rows)[0] if len(val_df) else None
     base = modeling.load_base(str(base_dir), model_cfg)
-    lora = modeling.lora_config(
-        params["lora_r"],
-        params["lora_alpha"],
-        params["lora_dropout"],
-        model_cfg.lora_target,
-        params["train_projector"],
-    )
-    model = modeling.attach_lora(base, lora, seed)
+    model = modeling.attach_lora(base, modeling.lora_config(sft, model_cfg.lora_target), seed)
     trainer = SFTTrainer(
         model=model,
-        args=trainer_args(sft, params, out_dir, seed, model_cfg.compute_dtype, val is not None),
+        args=trainer_args(sft, out_dir, seed, model_cfg.compute_dtype, val is not None),
         train_dataset=train,
         eval_dataset=val,
         processing_class=processor,
@@ -161,14 +139,8 @@ def pretrain_full(
     train, _ = to_sft_dataset(rows, processor, 10_000, "skip")
     # The Trainer needs an output_dir although nothing is saved there; a temporary one, removed after.
     with tempfile.TemporaryDirectory(prefix="pretrain-") as scratch:
-        args = trainer_args(
-            SftConfig(batch_size=8, logging_steps=50, warmup_ratio=0.05),
-            {"epochs": epochs, "learning_rate": lr},
-            Path(scratch),
-            seed,
-            "float32",
-            with_eval=False,
-        )
+        sft = SftConfig(epochs=epochs, learning_rate=lr, batch_size=8, logging_steps=50, warmup_ratio=0.05)
+        args = trainer_args(sft, Path(scratch), seed, "float32", with_eval=False)
         args.save_strategy = "no"
         trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=processor)
         result = trainer.train()

@@ -2,7 +2,8 @@
 
 One run root per experiment: a local path, a shared filesystem mounted on every node, or a URI that
 pyarrow (and so Ray) understands (``s3://bucket/run``, ``gs://...``). Each artifact is a folder
-``<root>/<stage>/<stage>-<digest>/`` whose digest hashes the stage's config section and its inputs. A stage
+``<root>/<stage>/<stage>-<key>/`` (file names: ``vlm_posttrain.layout``) whose key is :meth:`RunStore.stage_key`:
+the stage's config section without its execution settings, its inputs by id, and the seed. A stage
 builds its payload in a local staging folder; ``publish`` writes ``manifest.json`` last and moves the folder
 into place (rename on a local root, upload with the manifest last on a remote one), so a folder without a
 manifest is never read as finished and a re-run skips every artifact that has one.
@@ -26,9 +27,9 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-MANIFEST = "manifest.json"
+from vlm_posttrain.layout import MANIFEST, PROVENANCE, STAGES
+
 PACKAGES = ("torch", "transformers", "peft", "trl", "ray", "accelerate", "bitsandbytes", "pyarrow", "pandas")
-STAGES = ("model", "data", "sft", "soup", "pairs", "dpo", "eval", "report")
 
 
 def digest(*parts: Any) -> str:
@@ -81,11 +82,34 @@ class RunStore:
         return path if self.is_local else f"{self.root.split('://')[0]}://{path}"
 
     def ref(self, path: str | os.PathLike) -> str:
-        """A path inside the root as its root-relative name (hashes survive moving the root); others unchanged."""
-        try:
-            return str(Path(path).resolve().relative_to(self.base))
-        except ValueError:
-            return str(path)
+        """An input's id: an absolute path inside the root (or inside this machine's copy of a remote root) as
+        its root-relative name, so keys survive moving the root; anything else (a hub id, a relative or outside
+        folder) as it is."""
+        if Path(path).is_absolute():
+            for root in (Path(self.base), self._cache_root()):
+                try:
+                    return Path(path).resolve().relative_to(root.resolve()).as_posix()
+                except ValueError:
+                    continue
+        return str(path)
+
+    def stage_key(self, stage: str, section: dict, inputs: dict[str, Any], seed: int) -> str:
+        """The one rule for every artifact's key: the stage, its config section without execution settings
+        (``ExperimentConfig.keyed``), its inputs by id (:meth:`ref`; a list of names and paths, as eval's
+        variants, id by id) and the seed. The inputs are the ones its manifest records."""
+        ids = {name: self._refs(value) for name, value in inputs.items()}
+        return digest(stage, section, ids, seed)
+
+    def _refs(self, value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            return [self._refs(v) for v in value]
+        return self.ref(value) if isinstance(value, (str, os.PathLike)) else value
+
+    def in_artifact(self, artifact_path: str, *parts: str) -> str:
+        """A path inside a published artifact, on this machine (a cached copy when the run root is remote):
+        ``store.in_artifact(soup_dir, FILES["soup"]["adapter"])``."""
+        stage, key = Path(artifact_path).name.split("-", 1)
+        return str(Path(self.local_path(stage, key), *parts))
 
     def artifact_id(self, stage: str, key: str) -> str:
         if stage not in STAGES:
@@ -98,6 +122,10 @@ class RunStore:
     def tune_storage(self, stage: str) -> str:
         """Where Ray Tune keeps a stage's experiment state, so ``Tuner.restore`` finds it after a crash."""
         return self.uri(stage, "_tune")
+
+    def tune_experiment(self, stage: str, key: str) -> str:
+        """One artifact's Tune experiment folder (its trials' state and checkpoints)."""
+        return f"{self.tune_storage(stage)}/{self.artifact_id(stage, key)}"
 
     def manifest(self, stage: str, key: str) -> dict | None:
         """The artifact's manifest if it is complete, else None."""
@@ -112,7 +140,7 @@ class RunStore:
         """A local folder holding the artifact (the artifact itself on a local root, a cached copy otherwise)."""
         if self.is_local:
             return Path(self.artifact_path(stage, key))
-        cache = Path(tempfile.gettempdir()) / "vlm_posttrain_cache" / digest(self.root) / stage / key
+        cache = self._cache_root() / stage / self.artifact_id(stage, key)
         if not (cache / MANIFEST).exists():
             tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
             shutil.rmtree(tmp, ignore_errors=True)
@@ -120,6 +148,10 @@ class RunStore:
             pafs.copy_files(self.artifact_path(stage, key), str(tmp), source_filesystem=self.fs)
             tmp.rename(cache)
         return cache
+
+    def _cache_root(self) -> Path:
+        """This machine's copy of a remote root, laid out like the root itself."""
+        return Path(tempfile.gettempdir()).resolve() / "vlm_posttrain_cache" / digest(self.root)
 
     def staging(self, stage: str, key: str) -> Path:
         """A fresh local folder to build an artifact in; on a local root it sits beside its final place."""
@@ -195,6 +227,24 @@ def build_manifest(
         "timings": timings or {},
         **extra,
     }
+
+
+def write_provenance(
+    adapter_dir: Path, stage: str, config: dict, inputs: dict[str, Any], seed: int, **extra
+) -> None:
+    """``provenance.json`` in an adapter folder: what made it (stage, the config it was trained or combined
+    with, its inputs, seed, code), so the folder describes itself when copied out of the run."""
+    record = {
+        "stage": stage,
+        "config": config,
+        "inputs": inputs,
+        "seed": seed,
+        "git_commit": git_commit(),
+        "packages": package_versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **extra,
+    }
+    (Path(adapter_dir) / PROVENANCE).write_text(json.dumps(record, indent=2, default=str))
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:

@@ -256,10 +256,14 @@ def build_tiny_adapter(
     the stand-in for a trained adapter in tests and benchmarks.
     """
     from vlm_posttrain import modeling
-    from vlm_posttrain.config import LORA_LANGUAGE_TARGET, ModelConfig
+    from vlm_posttrain.config import LORA_LANGUAGE_TARGET, ModelConfig, SftConfig
 
     base = modeling.load_base(str(model_dir), ModelConfig(name=str(model_dir)))
-    model = modeling.attach_lora(base, modeling.lora_config(r, alpha, 0.0, LORA_LANGUAGE_TARGET, False), seed)
+    model = modeling.attach_lora(
+        base,
+        modeling.lora_config(SftConfig(lora_r=r, lora_alpha=alpha, lora_dropout=0.0), LORA_LANGUAGE_TARGET),
+        seed,
+    )
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():

@@ -56,8 +56,7 @@ class ValLoss:
             self.base = model.unload()
 
     def _trainer(self, model, out_dir: Path) -> SFTTrainer:
-        params = {"epochs": self.sft_cfg.epochs, "learning_rate": self.sft_cfg.learning_rate}
-        args = trainer_args(self.sft_cfg, params, out_dir, self.seed, self.model_cfg.compute_dtype, True)
+        args = trainer_args(self.sft_cfg, out_dir, self.seed, self.model_cfg.compute_dtype, True)
         # train_dataset is required by TRL and never used: nothing is trained here.
         trainer = SFTTrainer(
             model=model,
