@@ -1,4 +1,4 @@
-"""Import the original study's wide score table into DESIGN.md's long evaluation-rows format.
+"""Import the original study's wide score table into the eval stage's long rows (`eval.parquet`'s columns).
 
 Usage::
 

@@ -14,6 +14,14 @@ result says how many were dropped. When several samples exist per example they a
 first and examples are the resampling unit, because samples of one prompt are not independent.
 All resampling is seeded: the same call gives the same numbers.
 
+The resampling is scipy's: intervals are `scipy.stats.bootstrap` (percentile method; a paired difference is
+bootstrapped as the one array of per-pair differences, an unpaired one as two independently resampled
+groups), and the exact sign-flip p-value (at most `exact_max_n` pairs) is `scipy.stats.permutation_test`
+with `permutation_type="samples"` over all 2**n sign patterns. The Monte Carlo sign-flip p-value (more pairs)
+is drawn here, `np.random.default_rng(seed).choice((-1.0, 1.0), size=(n_perm, n))`, because the report's
+false-verdict simulation (tests/test_report.py) reproduces that draw sign for sign. What stays this
+project's own: NaN handling, per-example averaging, pairing on `example_id`, Holm, and the verdicts.
+
 Lower-level pieces: `bootstrap_mean_ci`, `paired_bootstrap_ci`, `paired_permutation_pvalue`, `holm`.
 """
 
@@ -25,9 +33,10 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 from numpy.typing import ArrayLike
+from scipy import stats
 
-# Bound on one (resamples x n) index matrix, so large tables are resampled in chunks instead of
-# allocating n_boot * n integers at once.
+# Bound on one (resamples x n) index or sign matrix, so large tables are resampled in chunks (scipy's
+# `batch`) instead of allocating n_boot * n values at once.
 _MAX_DRAWS_PER_CHUNK = 4_000_000
 
 
@@ -64,20 +73,26 @@ def _check_resampling(n: int, level: float = 0.5) -> None:
         raise ValueError(f"level must be in (0, 1), got {level}")
 
 
-def _resampled_means(x: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
-    """Means of `n_boot` resamples of `x` drawn with replacement."""
-    out = np.empty(n_boot)
-    chunk = max(1, _MAX_DRAWS_PER_CHUNK // len(x))
-    for start in range(0, n_boot, chunk):
-        stop = min(n_boot, start + chunk)
-        idx = rng.integers(0, len(x), size=(stop - start, len(x)))
-        out[start:stop] = x[idx].mean(axis=1)
-    return out
+def _percentile_ci(
+    samples: tuple[np.ndarray, ...], statistic, n_boot: int, level: float, seed: int
+) -> tuple[float, float]:
+    """scipy's percentile-bootstrap interval of the vectorized `statistic`, each sample resampled on its own."""
+    n = sum(len(s) for s in samples)
+    res = stats.bootstrap(
+        samples,
+        statistic,
+        n_resamples=n_boot,
+        batch=max(1, _MAX_DRAWS_PER_CHUNK // n),
+        vectorized=True,
+        confidence_level=level,
+        method="percentile",
+        rng=seed,
+    )
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
-def _percentiles(boot: np.ndarray, level: float) -> tuple[float, float]:
-    lo, hi = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2])
-    return float(lo), float(hi)
+def _diff_of_means(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
+    return np.mean(x, axis=axis) - np.mean(y, axis=axis)
 
 
 def _mean_ci(values: np.ndarray, n_boot: int, level: float, seed: int) -> MeanCI:
@@ -87,9 +102,10 @@ def _mean_ci(values: np.ndarray, n_boot: int, level: float, seed: int) -> MeanCI
     n_missing = int(len(values) - len(present))
     if len(present) == 0:
         return MeanCI(np.nan, np.nan, np.nan, 0, n_missing, level)
-    boot = _resampled_means(present, n_boot, np.random.default_rng(seed))
-    lo, hi = _percentiles(boot, level)
-    return MeanCI(float(present.mean()), lo, hi, len(present), n_missing, level)
+    mean = float(present.mean())
+    # scipy refuses to resample a single value; every resample of it is that value.
+    lo, hi = (mean, mean) if len(present) == 1 else _percentile_ci((present,), np.mean, n_boot, level, seed)
+    return MeanCI(mean, lo, hi, len(present), n_missing, level)
 
 
 def bootstrap_mean_ci(x: ArrayLike, n_boot: int = 10_000, level: float = 0.95, seed: int = 0) -> MeanCI:
@@ -124,12 +140,25 @@ def paired_bootstrap_ci(
 
 def _sign_flip_pvalue(diffs: np.ndarray, n_perm: int, seed: int, exact_max_n: int) -> float:
     n = len(diffs)
+    if n == 1:
+        # Both sign patterns of one difference are as extreme as it (and scipy needs two observations).
+        return 1.0
+    if n <= exact_max_n:
+        # One sample under "samples" is scipy's sign flip; n_resamples=inf enumerates all 2**n patterns.
+        # The sign-flip null is symmetric, so its two-sided p (twice the smaller tail) is P(|mean| >= observed).
+        res = stats.permutation_test(
+            (diffs,),
+            np.mean,
+            permutation_type="samples",
+            n_resamples=np.inf,
+            batch=max(1, _MAX_DRAWS_PER_CHUNK // n),
+            vectorized=True,
+            alternative="two-sided",
+        )
+        return float(res.pvalue)
     observed = abs(diffs.sum())
     # Flipped sums equal to the observed one must count as "as extreme" despite float rounding.
     threshold = observed - 1e-9 * max(1.0, observed)
-    if n <= exact_max_n:
-        signs = 1 - 2 * ((np.arange(2**n)[:, None] >> np.arange(n)) & 1)
-        return float(np.mean(np.abs(signs @ diffs) >= threshold))
     rng = np.random.default_rng(seed)
     hits = 0
     chunk = max(1, _MAX_DRAWS_PER_CHUNK // n)
@@ -147,8 +176,9 @@ def paired_permutation_pvalue(
 
     Under the null each pair's difference is equally likely to have either sign; the p-value is the share
     of sign assignments whose |mean difference| is at least the observed one. With at most `exact_max_n`
-    complete pairs all 2**n assignments are enumerated (exact); otherwise `n_perm` random assignments are
-    drawn and p = (hits + 1) / (n_perm + 1). NaN when no complete pair exists.
+    complete pairs all 2**n assignments are enumerated (exact, by `scipy.stats.permutation_test`); otherwise
+    `n_perm` random assignments are drawn (seeded) and p = (hits + 1) / (n_perm + 1). NaN when no complete
+    pair exists; 1 for a single pair.
     """
     _check_resampling(n_perm)
     diffs, _ = _paired_differences(a, b)
@@ -317,10 +347,17 @@ def _two_sample_bootstrap_ci(
     a, b = a[~np.isnan(a)], b[~np.isnan(b)]
     if len(a) == 0 or len(b) == 0:
         return np.nan, np.nan, np.nan
-    rng = np.random.default_rng(seed)
-    boot = _resampled_means(a, n_boot, rng) - _resampled_means(b, n_boot, rng)
-    lo, hi = _percentiles(boot, level)
-    return float(a.mean() - b.mean()), lo, hi
+    diff = float(a.mean() - b.mean())
+    # scipy refuses to resample a group of one value, whose resampled mean is that value: hold it fixed.
+    if len(a) == 1 and len(b) == 1:
+        lo, hi = diff, diff
+    elif len(a) == 1:
+        lo, hi = _percentile_ci((b,), lambda y, axis: a[0] - np.mean(y, axis=axis), n_boot, level, seed)
+    elif len(b) == 1:
+        lo, hi = _percentile_ci((a,), lambda x, axis: np.mean(x, axis=axis) - b[0], n_boot, level, seed)
+    else:
+        lo, hi = _percentile_ci((a, b), _diff_of_means, n_boot, level, seed)
+    return diff, lo, hi
 
 
 def _level_difference(

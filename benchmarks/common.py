@@ -36,7 +36,7 @@ def parser(name: str, doc: str) -> argparse.ArgumentParser:
 
 
 def offline_env() -> None:
-    """No hub on these machines (FIELD_NOTES): fail at once instead of retrying for minutes."""
+    """Benchmarks run where no model hub is reachable: fail at once instead of retrying for minutes."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

@@ -76,7 +76,7 @@ def setup(args, folder: Path):
     from ray_jobs.eval import task_table
     from vlm_posttrain.config import DataConfig, load_config
     from vlm_posttrain.data import build_splits
-    from vlm_posttrain.evaluation import Variant
+    from vlm_posttrain.eval import Variant
     from vlm_posttrain.tiny import build_tiny_llava
 
     overrides = [f"eval.max_new_tokens={args.max_new_tokens}", "eval.temperature=0.0", "eval.samples=1"]
@@ -107,7 +107,7 @@ def run_loop(generator, tasks, sampling) -> dict:
 
 def run_batched(generator, prepared, batch_size: int, sampling) -> dict:
     """The answering actor's call on the loop's prompts: ``generate_encoded`` per batch of prepared rows."""
-    from vlm_posttrain.evaluation import ENCODED
+    from vlm_posttrain.eval import ENCODED
 
     start = time.perf_counter()
     tokens = 0
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     from ray_jobs.eval import AnswerTests
     from vlm_posttrain.config import ModelConfig
-    from vlm_posttrain.evaluation import prepare_tasks
+    from vlm_posttrain.eval import prepare_tasks
     from vlm_posttrain.generation import Generator, Sampling
 
     folder = Path(tempfile.mkdtemp(prefix="bench-gen-"))

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 if TYPE_CHECKING:
-    from vlm_posttrain.evaluation import Variant
+    from vlm_posttrain.eval import Variant
 
 from ray_jobs.pairs import actor_options
 from ray_jobs.session import cli, connect, parse_args, stage
@@ -42,7 +42,7 @@ class AnswerTests:
     def __init__(
         self, base_dir: str, model_cfg: ModelConfig, variants: list[Variant], cfg: EvalConfig, seed: int
     ):
-        from vlm_posttrain.evaluation import VariantAnswerer
+        from vlm_posttrain.eval import VariantAnswerer
         from vlm_posttrain.generation import Sampling
 
         self.answerer = VariantAnswerer(base_dir, model_cfg, variants)
@@ -66,7 +66,7 @@ def _processor(base_dir: str, trust_remote_code: bool):
 
 def prepare_batch(batch: pd.DataFrame, base_dir: str, trust_remote_code: bool) -> pd.DataFrame:
     """Ray Data task: a batch of tasks with their images and prompts through the policy's processor."""
-    from vlm_posttrain.evaluation import prepare_tasks
+    from vlm_posttrain.eval import prepare_tasks
 
     return prepare_tasks(_processor(base_dir, trust_remote_code), batch)
 
@@ -75,13 +75,13 @@ class ScoreWithCritic:
     """Ray Data actor: the critic VLM, loaded once, scores each batch of answers."""
 
     def __init__(self, cfg: EvalConfig):
-        from vlm_posttrain.evaluation import CriticScorer
+        from vlm_posttrain.eval import CriticScorer
 
-        self.scorer = CriticScorer.load(cfg.critic_model, cfg.critic_mode, cfg.critic_max_new_tokens)
+        self.scorer = CriticScorer.load(cfg)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         from vlm_posttrain.data import decode_image
-        from vlm_posttrain.evaluation import critic_scores
+        from vlm_posttrain.eval import critic_scores
 
         return critic_scores(self.scorer, batch, [decode_image(b) for b in batch["image"]])
 
@@ -90,7 +90,7 @@ def variants_of(
     cfg: ExperimentConfig, sft_dir: str | None, soup_dir: str | None, dpo_dirs=()
 ) -> list[Variant]:
     """The variants the config asks for, from the artifacts the pipeline built."""
-    from vlm_posttrain.evaluation import Variant
+    from vlm_posttrain.eval import Variant
 
     kinds = set(cfg.eval.variants)
     variants = [Variant("base")] if "base" in kinds else []
@@ -158,7 +158,7 @@ def answer_dataset(cfg: ExperimentConfig, base_dir: str, data_dir: str, variants
         **actor_options(e),
     )
     if "reference" in e.judges:
-        from vlm_posttrain.evaluation import reference_scores
+        from vlm_posttrain.eval import reference_scores
 
         ds = ds.map_batches(reference_scores, batch_format="pandas")
     if "critic" in e.judges:

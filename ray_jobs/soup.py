@@ -1,6 +1,6 @@
 """Soup stage driver: one Ray task averages the chosen SFT adapters into one PEFT adapter and scores it.
 
-The task runs ``vlm_posttrain.soup_task.soup_payload`` with ``soup.num_cpus`` / ``soup.num_gpus``: select the
+The task runs ``vlm_posttrain.soup.stage.soup_payload`` with ``soup.num_cpus`` / ``soup.num_gpus``: select the
 trials (``soup.select``), combine their adapter files (``soup.method``), self-check (a failing soup is never
 written), then score the soup and each candidate on the val split like the SFT trials. The artifact
 ``<root>/soup/soup-<key>/`` holds ``adapter/`` (``PeftModel.from_pretrained(base, that folder)``) and
@@ -34,7 +34,7 @@ def soup_trials(
     sft_table: pd.DataFrame, payload: dict, sft_id: str, soup_id: str, time_s: float
 ) -> pd.DataFrame:
     """The SFT trial table plus the soup's row; the soup's val loss fills both eval_loss and best_eval_loss."""
-    from vlm_posttrain.soup import METRIC
+    from vlm_posttrain.soup.select import METRIC
 
     table = sft_table.copy()
     table["artifact"] = sft_id
@@ -57,7 +57,7 @@ def soup_trials(
 
 
 def _metrics(payload: dict) -> dict:
-    from vlm_posttrain.soup import METRIC
+    from vlm_posttrain.soup.select import METRIC
 
     losses = [c[METRIC] for c in payload["candidates"] if math.isfinite(c[METRIC])]
     best = min(losses, default=math.nan)
@@ -131,7 +131,7 @@ def run(cfg: ExperimentConfig, store: RunStore, base_dir: str, data_dir: str, sf
         import ray
 
         # Imported here: the task's module pulls in transformers and TRL, which the driver itself never needs.
-        from vlm_posttrain.soup_task import soup_payload
+        from vlm_posttrain.soup.stage import soup_payload
 
         connect()
         task = ray.remote(num_cpus=cfg.soup.num_cpus, num_gpus=cfg.soup.num_gpus)(soup_payload)
@@ -146,7 +146,7 @@ def run(cfg: ExperimentConfig, store: RunStore, base_dir: str, data_dir: str, sf
 
 
 def print_summary(manifest: dict, trials: pd.DataFrame) -> None:
-    from vlm_posttrain.soup import METRIC
+    from vlm_posttrain.soup.select import METRIC
 
     check, soup = manifest.get("self_check", {}), manifest.get("soup", {})
     ingredients = [i["trial_id"] for i in manifest.get("ingredients", [])]

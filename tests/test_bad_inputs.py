@@ -140,7 +140,8 @@ def test_example_too_long_for_its_image_tokens(name, tiny_model_dir, tmp_path, c
 
 @pytest.mark.parametrize("name", _cases("soup"))
 def test_bad_soup_input_is_refused(name, tmp_path, capsys):
-    from vlm_posttrain.soup import delta_mean, load_adapter
+    from vlm_posttrain.soup.adapters import load_adapter
+    from vlm_posttrain.soup.methods import delta_mean
 
     case = CASES[name]
     if "adapter" in case:
@@ -228,7 +229,7 @@ def test_only_input_problems_become_one_line_errors():
 
     from vlm_posttrain.config import load_config
     from vlm_posttrain.data import DataError
-    from vlm_posttrain.soup import delta_mean
+    from vlm_posttrain.soup.methods import delta_mean
 
     with pytest.raises(ValueError) as ours:
         delta_mean([])

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from vlm_posttrain.data import decode_image, load_split
-from vlm_posttrain.evaluation import CriticScorer, parse_critic_score, reference_scores
+from vlm_posttrain.eval import CriticScorer, parse_critic_score, reference_scores
 
 CRITIC_OUTPUTS = [
     # (critic text, score it states on 0-100)
@@ -47,10 +47,15 @@ def test_reference_scores_fill_a_column_per_row():
 
 
 def test_expected_mode_on_a_tiny_onevision_critic_is_always_in_range(tmp_path, tiny_data_dir):
-    from vlm_posttrain.judges import load_critic
+    from vlm_posttrain.modeling import load_critic
     from vlm_posttrain.tiny import build_tiny_critic
 
-    scorer = CriticScorer(*load_critic(str(build_tiny_critic(tmp_path / "critic"))), mode="expected", step=25)
+    scorer = CriticScorer(
+        *load_critic(str(build_tiny_critic(tmp_path / "critic"))),
+        mode="expected",
+        max_new_tokens=256,
+        step=25,
+    )
     test = load_split(tiny_data_dir, "train").head(3)
     images = [decode_image(b) for b in test["image"]]
     scores, raws = scorer.score(images, ["What is shown?"] * 3, ["A bar chart.", "42", ""])
@@ -59,9 +64,9 @@ def test_expected_mode_on_a_tiny_onevision_critic_is_always_in_range(tmp_path, t
         probs = [float(part.split(":")[1]) for part in raw.split()]
         assert [int(part.split(":")[0]) for part in raw.split()] == [0, 25, 50, 75, 100]
         assert sum(probs) == pytest.approx(1.0, abs=0.01)
-    generated, replies = CriticScorer(scorer.critic.model, scorer.critic.processor, max_new_tokens=4).score(
-        images, ["What is shown?"] * 3, ["A bar chart.", "42", ""]
-    )
+    generated, replies = CriticScorer(
+        scorer.critic.model, scorer.critic.processor, "generate", max_new_tokens=4
+    ).score(images, ["What is shown?"] * 3, ["A bar chart.", "42", ""])
     # A random critic states no score: missing, never zero.
     assert len(replies) == 3 and all(math.isnan(s) or 0 <= s <= 100 for s in generated)
 
@@ -69,7 +74,7 @@ def test_expected_mode_on_a_tiny_onevision_critic_is_always_in_range(tmp_path, t
 def test_variants_switch_adapters_without_reloading(tiny_model_dir, tiny_data_dir, tmp_path):
     from vlm_posttrain import modeling
     from vlm_posttrain.config import ModelConfig
-    from vlm_posttrain.evaluation import Variant, VariantAnswerer
+    from vlm_posttrain.eval import Variant, VariantAnswerer
     from vlm_posttrain.tiny import build_tiny_adapter
 
     build_tiny_adapter(tiny_model_dir, tmp_path / "adapter", std=0.5)
@@ -99,7 +104,7 @@ def test_variants_switch_adapters_without_reloading(tiny_model_dir, tiny_data_di
 def test_a_mixed_batch_answers_as_each_variant_alone(tiny_model_dir, tiny_data_dir, tmp_path):
     """One generate call over rows of several variants gives each row its own variant's greedy answer."""
     from vlm_posttrain.config import ModelConfig
-    from vlm_posttrain.evaluation import Variant, VariantAnswerer
+    from vlm_posttrain.eval import Variant, VariantAnswerer
     from vlm_posttrain.generation import Sampling
     from vlm_posttrain.tiny import build_tiny_adapter
 
@@ -134,7 +139,7 @@ def test_prepared_prompts_generate_what_the_processor_batch_does(tiny_model_dir,
     """Rows through the processor one by one (a Ray Data task's work), padded by the actor, give the same
     batch and the same answers as one padded processor call."""
     from vlm_posttrain.config import ModelConfig
-    from vlm_posttrain.evaluation import ENCODED, prepare_tasks
+    from vlm_posttrain.eval import ENCODED, prepare_tasks
     from vlm_posttrain.generation import Generator, Sampling
 
     gen = Generator.load(tiny_model_dir, ModelConfig(name=str(tiny_model_dir)))
@@ -164,7 +169,7 @@ def test_ray_data_eval_writes_one_row_per_variant_and_example(
 ):
 
     from ray_jobs import eval as eval_job
-    from vlm_posttrain.evaluation import Variant
+    from vlm_posttrain.eval import Variant
     from vlm_posttrain.store import RunStore
 
     cfg = tiny_config(

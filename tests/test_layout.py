@@ -7,7 +7,11 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-CORE_MODULES = sorted(p.stem for p in (REPO / "vlm_posttrain").glob("*.py") if p.stem != "__init__")
+# Every module of the core package, subpackages too (``soup.methods``): importing one imports its package.
+CORE = REPO / "vlm_posttrain"
+CORE_MODULES = sorted(
+    ".".join(p.relative_to(CORE).with_suffix("").parts) for p in CORE.rglob("*.py") if p.stem != "__init__"
+)
 DRIVERS = sorted(p.stem for p in (REPO / "ray_jobs").glob("*.py") if p.stem not in ("__init__", "session"))
 
 

@@ -230,7 +230,7 @@ def test_dpo_trains_the_sft_tokens_after_the_generation_prompt(processor, rows):
 def test_self_judge_labels_are_single_tokens_after_the_prompt(processor, policy):
     shared, ids = label_tokens(processor, prompts.SELF_JUDGE_LABELS)
     assert shared == [] and processor.tokenizer.convert_ids_to_tokens(list(ids)) == ["▁X", "▁Y"]
-    judge = SelfJudge(policy, tie_margin=0.1)
+    judge = SelfJudge(policy, tie_margin=0.1, batch_size=8)
     assert judge.label_ids == {"X": ids[0], "Y": ids[1]}
 
 

@@ -313,7 +313,10 @@ def test_diagnostics_of_the_studys_self_critique(shared_data):
 
 
 def test_critic_judge_on_a_tiny_llava_onevision(tmp_path):
-    judge = CriticJudge.load(str(build_tiny_critic(tmp_path / "critic")), max_new_tokens=6, batch_size=4)
+    critic = str(build_tiny_critic(tmp_path / "critic"))
+    judge = CriticJudge.load(
+        PairsConfig(judge="critic", critic_model=critic, critic_max_new_tokens=6, batch_size=4)
+    )
     text = prompts.critic_prompt(judge.critic.processor, "What is the value?", "12", "40")
     assert (
         prompts.CRITIC_PAIRWISE_PROMPT.format(question="What is the value?", first="12", second="40") in text

@@ -59,7 +59,7 @@ def test_pickled_model_weights_are_refused(tiny_model_dir, tmp_path):
 
 
 def test_pickled_adapters_are_refused(tmp_path):
-    from vlm_posttrain.soup import load_adapter as soup_load_adapter
+    from vlm_posttrain.soup.adapters import load_adapter as soup_load_adapter
 
     adapter = tmp_path / "adapter"
     adapter.mkdir()

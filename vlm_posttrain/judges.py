@@ -34,7 +34,8 @@ from typing import Any
 
 import torch
 
-from vlm_posttrain import prompts
+from vlm_posttrain import modeling, prompts
+from vlm_posttrain.config import ModelConfig, PairsConfig
 from vlm_posttrain.reference import score_reference
 
 FIRST, SECOND, TIE, UNPARSED = "first", "second", "tie", "unparsed"
@@ -219,7 +220,7 @@ class SelfJudge(PairwiseJudge):
     labels = prompts.SELF_JUDGE_LABELS
     counterbalance_labels = True
 
-    def __init__(self, policy, tie_margin: float, batch_size: int = 8):
+    def __init__(self, policy, tie_margin: float, batch_size: int):
         # ``policy`` is a loaded :class:`vlm_posttrain.generation.Generator` (model, processor, encode).
         self.policy = policy
         self.tie_margin = tie_margin
@@ -414,53 +415,13 @@ def _side(index: int | None) -> str:
     return UNPARSED if index is None else (FIRST, SECOND)[index]
 
 
-def load_any_processor(path: str):
-    """``AutoProcessor``, or without torchvision, the same processor class minus its video processor.
-
-    transformers builds video processors only with torchvision (huggingface/transformers#43986), which these
-    CPU machines lack; a judge of single images needs none, so the class is loaded with its other parts.
-    """
-    from transformers import AutoConfig, AutoProcessor
-    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
-    from transformers.utils import is_torchvision_available
-
-    try:
-        processor = AutoProcessor.from_pretrained(path)
-    except (ImportError, OSError):
-        if is_torchvision_available():
-            raise
-        cls = PROCESSOR_MAPPING[type(AutoConfig.from_pretrained(path))]
-        attributes = [a for a in cls.get_attributes() if a != "video_processor"]
-        image_only = type(cls.__name__, (cls,), {"get_attributes": classmethod(lambda _: list(attributes))})
-        processor = image_only.from_pretrained(path)
-    processor.tokenizer.padding_side = "left"
-    return processor
-
-
-def load_critic(path: str):
-    """(model, processor) of any image-text-to-text checkpoint, bfloat16 on a GPU, float32 on CPU."""
-    from transformers import AutoModelForImageTextToText
-
-    from vlm_posttrain.modeling import _check_source
-
-    _check_source(path)
-    cuda = torch.cuda.is_available()
-    model = AutoModelForImageTextToText.from_pretrained(
-        path,
-        dtype=torch.bfloat16 if cuda else torch.float32,
-        device_map="cuda" if cuda else None,
-        use_safetensors=True,
-    )
-    return model.eval(), load_any_processor(path)
-
-
 class CriticJudge(PairwiseJudge):
     """A critic VLM answers LLaVA-Critic's pairwise prompt (greedy); its text is parsed by :func:`parse_verdict`."""
 
     name = "critic"
     labels = prompts.CRITIC_LABELS
 
-    def __init__(self, model, processor, max_new_tokens: int = 256, batch_size: int = 8):
+    def __init__(self, model, processor, max_new_tokens: int, batch_size: int):
         from vlm_posttrain.generation import Generator
 
         # The Generator gives left-padded batched greedy decoding with the critic's own template and tokens.
@@ -469,8 +430,9 @@ class CriticJudge(PairwiseJudge):
         self.batch_size = batch_size
 
     @classmethod
-    def load(cls, path: str, max_new_tokens: int = 256, batch_size: int = 8) -> CriticJudge:
-        return cls(*load_critic(path), max_new_tokens=max_new_tokens, batch_size=batch_size)
+    def load(cls, cfg: PairsConfig) -> CriticJudge:
+        """``pairs.critic_model``, writing up to ``pairs.critic_max_new_tokens``, ``pairs.batch_size`` at once."""
+        return cls(*modeling.load_critic(cfg.critic_model), cfg.critic_max_new_tokens, cfg.batch_size)
 
     def decide(self, shown: list[tuple[PairTask, Presentation]]) -> list[Presentation]:
         from vlm_posttrain.generation import Sampling
@@ -513,13 +475,17 @@ def best_and_worst(scores: Sequence[int]) -> tuple[int, int] | None:
 
 
 def build_judge(
-    pairs_cfg, base_dir: str | Path, model_cfg, adapter_dir: str | Path | None = None, policy=None
+    pairs_cfg: PairsConfig,
+    base_dir: str | Path,
+    model_cfg: ModelConfig,
+    adapter_dir: str | Path | None = None,
+    policy=None,
 ):
     """The configured judge; ``self`` loads the policy unless a loaded Generator is passed as ``policy``."""
     if pairs_cfg.judge == "reference":
         return ReferenceJudge()
     if pairs_cfg.judge == "critic":
-        return CriticJudge.load(pairs_cfg.critic_model, pairs_cfg.critic_max_new_tokens, pairs_cfg.batch_size)
+        return CriticJudge.load(pairs_cfg)
     if policy is None:
         from vlm_posttrain.generation import Generator
 

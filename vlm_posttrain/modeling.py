@@ -58,11 +58,8 @@ def check_source(path: str) -> None:
             )
 
 
-_check_source = check_source  # the earlier private name, still imported elsewhere
-
-
 def load_processor(path: str, trust_remote_code: bool = False):
-    _check_source(path)
+    check_source(path)
     processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
     processor.chat_template = LLAVA_15_TEMPLATE
     processor.tokenizer.padding_side = "left"
@@ -71,7 +68,7 @@ def load_processor(path: str, trust_remote_code: bool = False):
 
 def load_base(path: str, cfg: ModelConfig, device_map: str | None = None):
     """The base VLM, in 4-bit NF4 when configured. Weights from safetensors only."""
-    _check_source(path)
+    check_source(path)
     kwargs = {
         "dtype": _dtype(cfg.compute_dtype),
         "use_safetensors": True,
@@ -95,7 +92,7 @@ def load_base(path: str, cfg: ModelConfig, device_map: str | None = None):
 
 def _fix_cpu_4bit(model) -> None:
     # On CPUs with AVX512-BF16, an inference pass repacks 4-bit weights and later gradients go wrong
-    # (FIELD_NOTES, bitsandbytes trap 3): turn the repacking off on every 4-bit layer.
+    # (a known bitsandbytes CPU fault): turn the repacking off on every 4-bit layer.
     import bitsandbytes as bnb
 
     for module in model.modules():
@@ -146,3 +143,41 @@ def load_adapter(base, adapter_dir: str | Path, trainable: bool = False, name: s
         base.load_adapter(str(adapter_dir), adapter_name=name, is_trainable=trainable)
         return base
     return PeftModel.from_pretrained(base, str(adapter_dir), adapter_name=name, is_trainable=trainable)
+
+
+def load_any_processor(path: str):
+    """``AutoProcessor``, or without torchvision, the same processor class minus its video processor.
+
+    transformers builds video processors only with torchvision (huggingface/transformers#43986), which these
+    CPU machines lack; a judge of single images needs none, so the class is loaded with its other parts.
+    """
+    from transformers import AutoConfig, AutoProcessor
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
+    from transformers.utils import is_torchvision_available
+
+    try:
+        processor = AutoProcessor.from_pretrained(path)
+    except (ImportError, OSError):
+        if is_torchvision_available():
+            raise
+        cls = PROCESSOR_MAPPING[type(AutoConfig.from_pretrained(path))]
+        attributes = [a for a in cls.get_attributes() if a != "video_processor"]
+        image_only = type(cls.__name__, (cls,), {"get_attributes": classmethod(lambda _: list(attributes))})
+        processor = image_only.from_pretrained(path)
+    processor.tokenizer.padding_side = "left"
+    return processor
+
+
+def load_critic(path: str):
+    """(model, processor) of any image-text-to-text checkpoint, bfloat16 on a GPU, float32 on CPU."""
+    from transformers import AutoModelForImageTextToText
+
+    check_source(path)
+    cuda = torch.cuda.is_available()
+    model = AutoModelForImageTextToText.from_pretrained(
+        path,
+        dtype=torch.bfloat16 if cuda else torch.float32,
+        device_map="cuda" if cuda else None,
+        use_safetensors=True,
+    )
+    return model.eval(), load_any_processor(path)

@@ -51,7 +51,7 @@ from vlm_posttrain.layout import FILES
 PAIRS, BEST_OF_K, SAMPLES, DIAGNOSTICS = (
     FILES["pairs"][name] for name in ("pairs", "best_of_k", "samples", "diagnostics")
 )
-# The columns of pairs.parquet (DESIGN.md's preference rows, plus which samples were picked).
+# The columns of pairs.parquet (TRL's vision preference rows, plus which samples were picked).
 PREFERENCE_FEATURES = (
     "images",
     "prompt",

@@ -21,8 +21,10 @@ import pandas as pd
 import torch
 
 from vlm_posttrain.config import ModelConfig, SftConfig, SoupConfig
-from vlm_posttrain.soup import METRIC, SoupResult, load_adapter, make_soup, select_adapters, write_adapter
-from vlm_posttrain.val_loss import ValLoss
+from vlm_posttrain.soup.adapters import SoupResult, load_adapter, write_adapter
+from vlm_posttrain.soup.check import make_soup
+from vlm_posttrain.soup.select import METRIC, select_adapters
+from vlm_posttrain.soup.val_loss import ValLoss
 
 TABLE = "trials.parquet"
 

@@ -30,7 +30,7 @@ import torch
 from peft import PeftModel
 
 from vlm_posttrain import modeling, prompts
-from vlm_posttrain.config import ModelConfig
+from vlm_posttrain.config import EvalConfig, ModelConfig
 from vlm_posttrain.data import decode_image
 from vlm_posttrain.generation import Generator, Sampling, derive_seed, encode_rows
 from vlm_posttrain.reference import judge_reference
@@ -200,7 +200,7 @@ def parse_critic_score(text: str | None) -> float:
 class CriticScorer:
     """A critic VLM scoring answers pointwise, by parsing its text or by expected score over score tokens."""
 
-    def __init__(self, model, processor, mode: str = "generate", max_new_tokens: int = 256, step: int = 10):
+    def __init__(self, model, processor, mode: str, max_new_tokens: int, step: int = 10):
         if mode not in ("generate", "expected"):
             raise ValueError(f"critic mode '{mode}': choose generate or expected")
         self.critic = Generator(model, processor)
@@ -209,10 +209,9 @@ class CriticScorer:
         self.candidates = list(range(0, 101, step))
 
     @classmethod
-    def load(cls, path: str, mode: str = "generate", max_new_tokens: int = 256) -> CriticScorer:
-        from vlm_posttrain.judges import load_critic
-
-        return cls(*load_critic(path), mode=mode, max_new_tokens=max_new_tokens)
+    def load(cls, cfg: EvalConfig) -> CriticScorer:
+        """``eval.critic_model``, read by ``eval.critic_mode``, writing up to ``eval.critic_max_new_tokens``."""
+        return cls(*modeling.load_critic(cfg.critic_model), cfg.critic_mode, cfg.critic_max_new_tokens)
 
     def score(self, images: Sequence, questions: Sequence[str], answers: Sequence[str]) -> tuple[list, list]:
         texts = [
