@@ -8,7 +8,7 @@ Usage::
     table = compare_variants(long_df, "critic/score", baseline="base")  # paired tests vs the baseline
     effects = main_effects(long_df, ["config/lora_dropout"], "critic/score")  # "does higher dropout hurt?"
 
-`long_df` is DESIGN.md's evaluation-rows table: `variant`, `example_id`, optionally `sample`, and score
+`long_df` is the eval stage's table (`eval.parquet`): `variant`, `example_id`, optionally `sample`, and score
 columns that hold NaN where the judge gave no score. Missing scores are dropped, never read as 0, and every
 result says how many were dropped. When several samples exist per example they are averaged per example
 first and examples are the resampling unit, because samples of one prompt are not independent.

@@ -52,43 +52,34 @@ def build_parser():
 
 
 def model_config(tokenizer, smoke: bool):
+    """LLaVA-1.5-7B's published config (``vlm_posttrain.llava15``), or a small one for ``--smoke``, with this
+    tokenizer's ids."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
-    if smoke:
-        vision = dict(
-            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=56
-        )
-        text = dict(
-            hidden_size=128,
-            intermediate_size=256,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            vocab_size=1024,
-        )
-    else:
-        vision = dict(
-            hidden_size=1024,
-            intermediate_size=4096,
-            num_hidden_layers=24,
-            num_attention_heads=16,
-            image_size=336,
-        )
-        text = dict(
-            hidden_size=4096,
-            intermediate_size=11008,
-            num_hidden_layers=32,
-            num_attention_heads=32,
-            vocab_size=32064,
-        )
+    from vlm_posttrain.llava15 import published_config
+
     ids = dict(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+    image_token = tokenizer.convert_tokens_to_ids("<image>")
+    if not smoke:
+        config = published_config("7b")
+        for key, value in ids.items():
+            setattr(config.text_config, key, value)
+        config.image_token_index, config.pad_token_id = image_token, tokenizer.pad_token_id
+        return config
+    vision = dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=56
+    )
+    text = dict(
+        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, vocab_size=1024
+    )
     return LlavaConfig(
         vision_config=CLIPVisionConfig(**vision, patch_size=14, projection_dim=768),
         text_config=LlamaConfig(**text, max_position_embeddings=4096, **ids),
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_token_index=image_token,
         image_seq_length=(vision["image_size"] // 14) ** 2,
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",

@@ -3,7 +3,7 @@
 A Ray Data pipeline: ``train.parquet`` (first ``pairs.limit`` prompts) -> ``repartition`` into one block per
 batch -> ``map_batches(GenerateAnswers)`` on an actor pool (each actor loads the policy, base + adapter, once)
 -> ``map_batches(JudgeAnswers)`` on a second pool (``self`` loads the policy again, ``critic`` the critic) ->
-collected here. The work itself is in ``vlm_posttrain.pairs``; the artifact holds ``pairs.parquet`` (TRL's
+collected here. The work itself is in ``vlm_posttrain.pairs.stage``; the artifact holds ``pairs.parquet`` (TRL's
 vision preference format), ``best_of_k/`` (an SFT data folder), ``samples.parquet`` and
 ``diagnostics.parquet``, and the manifest carries the bias diagnostics. Pool size, batch size and each
 actor's ``num_cpus`` / ``num_gpus`` come from the ``pairs`` section; they are not part of the artifact's hash.
@@ -37,7 +37,7 @@ class GenerateAnswers:
 
     def __init__(self, base_dir: str, model_cfg: ModelConfig, adapter_dir: str, cfg: PairsConfig, seed: int):
         from vlm_posttrain.generation import Generator
-        from vlm_posttrain.pairs import generate_samples
+        from vlm_posttrain.pairs.stage import generate_samples
 
         self.generator = Generator.load(base_dir, model_cfg, adapter_dir)
         self.generate_samples = generate_samples
@@ -51,8 +51,8 @@ class JudgeAnswers:
     """Ray Data actor: the configured judge, loaded once, judges every pair of each row's samples."""
 
     def __init__(self, base_dir: str, model_cfg: ModelConfig, adapter_dir: str, cfg: PairsConfig):
-        from vlm_posttrain.judges import build_judge
-        from vlm_posttrain.pairs import judge_samples
+        from vlm_posttrain.pairs.judges import build_judge
+        from vlm_posttrain.pairs.stage import judge_samples
 
         self.judge = build_judge(cfg, base_dir, model_cfg, adapter_dir)
         self.judge_samples = judge_samples
@@ -123,7 +123,7 @@ def run(cfg: ExperimentConfig, store: RunStore, base_dir: str, data_dir: str, po
     key = store.stage_key("pairs", cfg.keyed("pairs"), inputs, cfg.run.seed)
 
     def build() -> None:
-        from vlm_posttrain.pairs import write_outputs
+        from vlm_posttrain.pairs.stage import write_outputs
 
         connect()
         start = time.time()

@@ -136,8 +136,7 @@ def run(cfg: ExperimentConfig, store: RunStore, base_dir: str, data_dir: str, sf
         connect()
         task = ray.remote(num_cpus=cfg.soup.num_cpus, num_gpus=cfg.soup.num_gpus)(soup_payload)
         start = time.time()
-        args = (cfg.soup, cfg.sft, cfg.model, cfg.data.bad_rows, cfg.run.seed, base_dir, data_dir, sft_local)
-        payload = ray.get(task.remote(*args))
+        payload = ray.get(task.remote(cfg, base_dir, data_dir, sft_local))
         write_artifact(cfg, store, key, payload, inputs, sft_local, time.time() - start)
 
     path = stage("soup", key, store, build)

@@ -50,6 +50,11 @@ def _write(tmp_path, data) -> Path:
         ({"data": {"val_fraction": 0.6, "test_fraction": 0.5}}, "data.val_fraction"),
         ({"resources": {"max_concurrent_trials": 0}}, "resources.max_concurrent_trials: must be >= 1"),
         ({"model": {"load_in_4bit": "yes"}}, "model.load_in_4bit: expected bool"),
+        # Element types are checked too: a list's items, a grid's values, each against its field's type.
+        ({"eval": {"variants": ["base", "sfft"]}}, "eval.variants: expected a list of one of 'base'"),
+        ({"eval": {"system_prompts": ["", 3]}}, "eval.system_prompts: expected a list of str"),
+        ({"sft": {"grid": {"lora_alpha": [16, "eight"]}}}, "sft.grid.lora_alpha: expected int values"),
+        ({"sft": {"grid": {"lora_dropout": [0.05, 1.5]}}}, "sft.grid.lora_dropout: must be in [0, 1)"),
     ],
 )
 def test_bad_values_name_file_and_key(tmp_path, change, needle):

@@ -14,8 +14,8 @@ from vlm_posttrain import dpo, modeling, prompts
 from vlm_posttrain.config import ModelConfig
 from vlm_posttrain.data import decode_image, load_split
 from vlm_posttrain.generation import Generator, Sampling, encode_rows
-from vlm_posttrain.judges import SelfJudge, label_tokens
 from vlm_posttrain.llava15 import IMAGE_SEQ_LENGTH, IMAGE_TOKEN_ID, PAD_TOKEN_ID
+from vlm_posttrain.pairs.judges import SelfJudge, label_tokens
 from vlm_posttrain.sft import image_token_count, to_sft_dataset
 
 BOS, EOS, SPACE = 1, 2, 29871  # SPACE: the lone "▁" a completion tokenized on its own starts with (legacy)

@@ -62,7 +62,7 @@ def overrides(model_dir: Path, lrv: Path, root: Path) -> list[str]:
 
 def pairs_from_samples(pairs_dir: str, data_dir: str, out: Path) -> Path:
     """Preference rows: the reference answer chosen, the policy's first sample rejected."""
-    from vlm_posttrain.pairs import write_preferences
+    from vlm_posttrain.pairs.stage import write_preferences
 
     samples = pd.read_parquet(Path(pairs_dir) / "samples.parquet")
     first = samples.sort_values("sample").groupby("example_id").first()

@@ -1,7 +1,6 @@
 """The trial memory estimate and GPU sharing: the formula's shape, its 7B numbers, a check against what the
 tiny model really allocates on CPU, and ``gpus_per_trial: auto`` / refusal before any trial starts."""
 
-import copy
 import os
 import re
 import subprocess
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from vlm_posttrain.llava15 import published_config
 from vlm_posttrain.memory import (
     check_gpu_fraction,
     estimate_trial_memory,
@@ -22,70 +22,10 @@ from vlm_posttrain.memory import (
 REPO = Path(__file__).resolve().parents[1]
 
 
-# Source: llava-hf/llava-1.5-7b-hf and llava-hf/llava-1.5-13b-hf, config.json, with the transformers defaults
-# those files rely on (the Llama sizes, CLIP's quick_gelu) written out, so a change of defaults cannot move them.
-_CLIP_VIT_L_336 = {
-    "model_type": "clip_vision_model",
-    "hidden_size": 1024,
-    "intermediate_size": 4096,
-    "num_hidden_layers": 24,
-    "num_attention_heads": 16,
-    "image_size": 336,
-    "patch_size": 14,
-    "projection_dim": 768,
-    "hidden_act": "quick_gelu",
-}
-_LLAVA_15 = {
-    "model_type": "llava",
-    "image_token_index": 32000,
-    "pad_token_id": 32001,
-    "projector_hidden_act": "gelu",
-    "vision_feature_layer": -2,
-    "vision_feature_select_strategy": "default",
-    "image_seq_length": 576,
-    "tie_word_embeddings": False,
-}
-_VICUNA = {"model_type": "llama", "vocab_size": 32064, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5}
-LLAVA_15_CONFIGS = {
-    "7b": {
-        **_LLAVA_15,
-        "vision_config": _CLIP_VIT_L_336,
-        "text_config": {
-            **_VICUNA,
-            "hidden_size": 4096,
-            "intermediate_size": 11008,
-            "num_hidden_layers": 32,
-            "num_attention_heads": 32,
-            "num_key_value_heads": 32,
-        },
-    },
-    "13b": {
-        **_LLAVA_15,
-        "vision_config": _CLIP_VIT_L_336,
-        "text_config": {
-            **_VICUNA,
-            "hidden_size": 5120,
-            "intermediate_size": 13824,
-            "num_hidden_layers": 40,
-            "num_attention_heads": 40,
-            "num_key_value_heads": 40,
-        },
-    },
-}
-
-
-def _llava_config(size: str):
-    from transformers import LlavaConfig
-
-    data = copy.deepcopy(LLAVA_15_CONFIGS[size])
-    data.pop("model_type")
-    return LlavaConfig(**data)
-
-
 @pytest.fixture(scope="module")
 def llava7b():
     """LLaVA-1.5-7B's config as published (CLIP ViT-L/14-336 + Vicuna-7B, vocab 32064), config only."""
-    return _llava_config("7b")
+    return published_config("7b")
 
 
 @pytest.fixture(scope="module", params=["7b", "13b"])
@@ -94,7 +34,7 @@ def llava_on_meta(request):
     import torch
     from transformers import LlavaForConditionalGeneration
 
-    config = _llava_config(request.param)
+    config = published_config(request.param)
     with torch.device("meta"):
         model = LlavaForConditionalGeneration(config)
     return config, model

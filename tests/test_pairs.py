@@ -15,7 +15,7 @@ from vlm_posttrain import dpo, prompts
 from vlm_posttrain.config import ConfigError, ModelConfig, PairsConfig, SftConfig
 from vlm_posttrain.data import decode_image, load_split
 from vlm_posttrain.generation import Generator, Sampling, SeededGumbelSampler
-from vlm_posttrain.judges import (
+from vlm_posttrain.pairs.judges import (
     FIRST,
     SECOND,
     TIE,
@@ -30,7 +30,7 @@ from vlm_posttrain.judges import (
     parse_verdict,
     tournament,
 )
-from vlm_posttrain.pairs import (
+from vlm_posttrain.pairs.stage import (
     BEST_OF_K,
     DIAGNOSTICS,
     PAIRS,
@@ -292,7 +292,7 @@ def test_parse_verdict_reproduces_the_studys_kept_labels(shared_data):
 
 def test_diagnostics_of_the_studys_self_critique(shared_data):
     """The study's verdicts through our diagnostics: a strong first-position bias and a "Y" label bias."""
-    from vlm_posttrain.judges import PairVerdict, combine
+    from vlm_posttrain.pairs.judges import PairVerdict, combine
 
     verdicts = []
     for row in pd.read_csv(shared_data / "seed_outputs" / "preferred_response.csv").itertuples():
@@ -396,7 +396,7 @@ def test_run_on_the_tiny_model_writes_pairs_for_dpo_and_sft(policy, train, tiny_
 
 def test_self_judge_batch_on_generated_samples(policy, train):
     cfg = PairsConfig(k=2, max_new_tokens=4)
-    from vlm_posttrain.pairs import generate_samples
+    from vlm_posttrain.pairs.stage import generate_samples
 
     judged = judge_samples(SelfJudge(policy, 0.0, 8), generate_samples(policy, train.head(2), cfg, seed=1))
     assert list(judged["best"]) != [] and all(len(s) == 2 for s in judged["scores"])

@@ -23,7 +23,16 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vlm_posttrain import modeling
-from vlm_posttrain.config import LORA_LANGUAGE_TARGET, ConfigError, ModelConfig, SftConfig, SoupConfig
+from vlm_posttrain.config import (
+    LORA_LANGUAGE_TARGET,
+    ConfigError,
+    DataConfig,
+    ExperimentConfig,
+    ModelConfig,
+    RunConfig,
+    SftConfig,
+    SoupConfig,
+)
 from vlm_posttrain.soup import adapters as soup_adapters
 from vlm_posttrain.soup import check as soup_check
 from vlm_posttrain.soup.adapters import load_adapter, write_adapter
@@ -234,14 +243,14 @@ def test_write_adapter_round_trip_and_refuses_existing(three, tmp_path):
     assert {p.name for p in out.iterdir()} == {
         "adapter_config.json",
         "adapter_model.safetensors",
-        "soup_manifest.json",
+        "provenance.json",
     }
     back = load_adapter(out)
     for name in SHAPES:
         assert rel_error(true_delta(back, name), result.delta(name)) < 1e-6
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["r"] == config["lora_alpha"] == 28 and config["rank_pattern"] == {}
-    manifest = json.loads((out / "soup_manifest.json").read_text())
+    manifest = json.loads((out / "provenance.json").read_text())
     assert manifest["method"] == "delta_mean" and len(manifest["ingredients"]) == 3
     with pytest.raises(FileExistsError, match="already exists"):
         write_adapter(result, out)
@@ -585,6 +594,11 @@ def test_factor_mean_is_written_as_labelled_baseline(adapters, tmp_path):
     assert check["max_rel_error"] > 0.1  # and that is far from the mean of the ΔW
 
 
+def _experiment(soup: SoupConfig, model: ModelConfig, sft: SftConfig | None = None) -> ExperimentConfig:
+    data = DataConfig(source="synthetic", limit=1)
+    return ExperimentConfig(RunConfig("soup-test"), model, data, sft=sft or SftConfig(), soup=soup)
+
+
 @pytest.mark.parametrize(
     ("rows", "missing", "error", "match"),
     [
@@ -599,11 +613,7 @@ def test_bad_inputs_fail_clearly_before_loading_the_base(adapters, tmp_path, row
     # A base folder that does not exist: these errors must come from the adapter files alone.
     with pytest.raises(error, match=match):
         build_soup(
-            SoupConfig(select="all"),
-            SftConfig(),
-            ModelConfig(name="nowhere"),
-            "skip",
-            0,
+            _experiment(SoupConfig(select="all"), ModelConfig(name="nowhere")),
             tmp_path / "no-base",
             tmp_path / "no-data",
             sft_dir,
@@ -616,11 +626,7 @@ def test_greedy_with_real_val_loss(adapters, tiny_model_dir, tiny_data_dir, tmp_
     sft_dir = fake_sft(tmp_path / "sft", adapters, [("t1", "a", 1.0), ("t2", "c", 2.0)])
     model_cfg = ModelConfig(name=str(tiny_model_dir))
     out = build_soup(
-        SoupConfig(method="greedy", select="all"),
-        SftConfig(batch_size=4),
-        model_cfg,
-        "skip",
-        0,
+        _experiment(SoupConfig(method="greedy", select="all"), model_cfg, SftConfig(batch_size=4)),
         tiny_model_dir,
         tiny_data_dir,
         sft_dir,

@@ -87,7 +87,7 @@ class DataConfig:
     synthetic_turns: int = 1
     # Question families of the synthetic charts (vlm_posttrain.charts.FAMILIES); [] is the reading families
     # (values, extremes, comparisons, summaries, trends).
-    synthetic_families: list = field(default_factory=list)
+    synthetic_families: list[str] = field(default_factory=list)
     # The data stage downscales (once, Lanczos, re-encoded as PNG) any image whose SHORT side is over this
     # many pixels to exactly this short side; images within it keep their bytes. LLaVA-1.5's processor
     # resizes the short side to 336 and centre-crops 336 x 336, so from 4 x 336 = 1344 down its input is
@@ -318,9 +318,11 @@ class DpoConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     # Which model variants answer the test split: the base, every SFT trial, the soup, every DPO round.
-    variants: list = field(default_factory=lambda: ["base", "sft", "soup", "dpo"])
+    variants: list[Literal["base", "sft", "soup", "dpo"]] = field(
+        default_factory=lambda: ["base", "sft", "soup", "dpo"]
+    )
     # Each system prompt multiplies the variants ("" is none): a system-prompt ablation costs one line.
-    system_prompts: list = field(default_factory=lambda: [""])
+    system_prompts: list[str] = field(default_factory=lambda: [""])
     # Answers per test prompt; temperature 0 is greedy (then samples must be 1).
     samples: int = 1
     temperature: float = 0.0
@@ -328,7 +330,7 @@ class EvalConfig:
     max_new_tokens: int = 128
     # Test prompts to use (the first ones of test.parquet); 0 uses all.
     limit: int = 0
-    judges: list = field(default_factory=lambda: ["reference"])
+    judges: list[Literal["reference", "critic"]] = field(default_factory=lambda: ["reference"])
     # The critic checkpoint (hub id or folder) for judge "critic", and how its score is read.
     critic_model: str = ""
     critic_mode: Literal["generate", "expected"] = "generate"
@@ -342,18 +344,10 @@ class EvalConfig:
     UNKEYED: ClassVar[tuple[str, ...]] = ("actors", "batch_size", "num_cpus", "num_gpus")
 
     def validate(self) -> None:
-        for kind in self.variants:
-            if kind not in ("base", "sft", "soup", "dpo"):
-                raise ValueError(
-                    f"variants: '{kind}' is not a variant kind; choose from base, sft, soup, dpo"
-                )
         if not self.variants:
             raise ValueError("variants: list at least one of base, sft, soup, dpo")
-        if not self.system_prompts or not all(isinstance(p, str) for p in self.system_prompts):
+        if not self.system_prompts:
             raise ValueError("system_prompts: give a list of strings ('' for no system prompt)")
-        for judge in self.judges:
-            if judge not in ("reference", "critic"):
-                raise ValueError(f"judges: '{judge}' is not a judge; choose from reference, critic")
         if "critic" in self.judges and not self.critic_model:
             raise ValueError("critic_model: judge 'critic' needs critic_model (a hub id or model folder)")
         if self.samples < 1 or (self.temperature == 0 and self.samples > 1):
@@ -426,8 +420,14 @@ def _type_ok(value: Any, hint: Any) -> bool:
         return value in typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         return any(_type_ok(value, h) for h in typing.get_args(hint))
-    if origin in (dict, list):
-        return isinstance(value, origin)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
+    if origin is dict:
+        key, item = typing.get_args(hint)
+        return isinstance(value, dict) and all(
+            _type_ok(k, key) and _type_ok(v, item) for k, v in value.items()
+        )
     if hint is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if hint is int:
@@ -438,6 +438,11 @@ def _type_ok(value: Any, hint: Any) -> bool:
 
 
 def _describe(hint: Any) -> str:
+    if typing.get_origin(hint) is list:
+        return f"a list of {_describe(typing.get_args(hint)[0])}"
+    if typing.get_origin(hint) is dict:
+        key, item = (_describe(h) for h in typing.get_args(hint))
+        return f"a mapping of {key} to {item}"
     if typing.get_origin(hint) is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
     if typing.get_origin(hint) in (typing.Union, types.UnionType):

@@ -280,16 +280,6 @@ class PreferenceCollator(DataCollatorForVisionPreference):
 # ---- the policy and the trainer -------------------------------------------------------------------------
 
 
-def load_policy(model_cfg: ModelConfig, base_dir: str | Path, start_adapter_dir: str | Path):
-    """Base model + the starting adapter, trainable; TRL adds the frozen ``ref`` copy itself."""
-    base = modeling.load_base(str(base_dir), model_cfg)
-    if getattr(base, "is_loaded_in_4bit", False):
-        from peft import prepare_model_for_kbit_training
-
-        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
-    return modeling.load_adapter(base, start_adapter_dir, trainable=True)
-
-
 def trainer_args(dpo: DpoConfig, out_dir: Path, seed: int, compute_dtype: str) -> TrlDPOConfig:
     return TrlDPOConfig(
         **training.trainer_kwargs(dpo, out_dir, seed, compute_dtype),
@@ -330,7 +320,7 @@ def build_trainer(
     callbacks: Sequence[TrainerCallback] = (),
     heldout: datasets.Dataset | None = None,
 ) -> DPOTrainer:
-    policy = load_policy(model_cfg, base_dir, start_adapter_dir)
+    policy = modeling.load_policy(base_dir, model_cfg, start_adapter_dir, trainable=True)
     trainer = DPOTrainer(
         model=policy,
         args=trainer_args(dpo, out_dir, seed, model_cfg.compute_dtype),

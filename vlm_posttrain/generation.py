@@ -87,20 +87,6 @@ class SeededGumbelSampler(LogitsProcessor):
         return scores - noise.log()
 
 
-def load_policy(base_dir: str | Path, model_cfg: ModelConfig, adapter_dir: str | Path | None = None):
-    """(model, processor) in eval mode on the GPU when there is one; the adapter merged unless the base is 4-bit."""
-    device_map = "cuda" if torch.cuda.is_available() else None
-    processor = modeling.load_processor(str(base_dir), model_cfg.trust_remote_code)
-    model = modeling.load_base(str(base_dir), model_cfg, device_map=device_map)
-    if adapter_dir:
-        model = modeling.load_adapter(model, adapter_dir)
-        if not model_cfg.load_in_4bit:
-            # Merged LoRA generates at the base model's speed; on a 4-bit base a merge would round it away.
-            model = model.merge_and_unload()
-    model.eval()
-    return model, processor
-
-
 def model_device(model) -> torch.device:
     return next(model.parameters()).device
 
@@ -179,7 +165,8 @@ class Generator:
     def load(
         cls, base_dir: str | Path, model_cfg: ModelConfig, adapter_dir: str | Path | None = None
     ) -> Generator:
-        return cls(*load_policy(base_dir, model_cfg, adapter_dir))
+        model = modeling.load_policy(base_dir, model_cfg, adapter_dir)
+        return cls(model, modeling.load_processor(str(base_dir), model_cfg.trust_remote_code))
 
     def prompt(self, conversations: list[dict], system_prompt: str = "") -> str:
         """The generation prompt, byte-identical to the SFT rendering up to the answer."""

@@ -19,6 +19,7 @@ prepend "always").
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Literal
 
@@ -47,6 +48,65 @@ PATCH = 14
 IMAGE_SEQ_LENGTH = (IMAGE_SIZE // PATCH) ** 2  # 576
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+# Source: llava-hf/llava-1.5-7b-hf and llava-hf/llava-1.5-13b-hf, config.json, with the transformers defaults
+# those files rely on (the Llama sizes, CLIP's quick_gelu) written out, so a change of defaults cannot move them.
+_CLIP_VIT_L_336 = {
+    "model_type": "clip_vision_model",
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "image_size": 336,
+    "patch_size": 14,
+    "projection_dim": 768,
+    "hidden_act": "quick_gelu",
+}
+_LLAVA_15 = {
+    "model_type": "llava",
+    "image_token_index": 32000,
+    "pad_token_id": 32001,
+    "projector_hidden_act": "gelu",
+    "vision_feature_layer": -2,
+    "vision_feature_select_strategy": "default",
+    "image_seq_length": 576,
+    "tie_word_embeddings": False,
+}
+_VICUNA = {"model_type": "llama", "vocab_size": 32064, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5}
+PUBLISHED_CONFIGS = {
+    "7b": {
+        **_LLAVA_15,
+        "vision_config": _CLIP_VIT_L_336,
+        "text_config": {
+            **_VICUNA,
+            "hidden_size": 4096,
+            "intermediate_size": 11008,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 32,
+        },
+    },
+    "13b": {
+        **_LLAVA_15,
+        "vision_config": _CLIP_VIT_L_336,
+        "text_config": {
+            **_VICUNA,
+            "hidden_size": 5120,
+            "intermediate_size": 13824,
+            "num_hidden_layers": 40,
+            "num_attention_heads": 40,
+            "num_key_value_heads": 40,
+        },
+    },
+}
+
+
+def published_config(size: Literal["7b", "13b"]) -> LlavaConfig:
+    """LLaVA-1.5-7B's or -13B's config as published (config only: no weights), for estimates and benchmarks."""
+    data = copy.deepcopy(PUBLISHED_CONFIGS[size])
+    data.pop("model_type")
+    return LlavaConfig(**data)
 
 
 def build_tokenizer(gguf_path: str | Path, pipeline: Pipeline = "legacy"):

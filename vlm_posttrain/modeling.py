@@ -119,12 +119,35 @@ def attach_lora(model, config: LoraConfig, seed: int):
     Seeding right before PEFT draws A means trials of the same rank start identical, so an average of
     their adapters starts from one point (the study's adapters did not).
     """
+    model = for_training(model)
+    torch.manual_seed(seed)
+    return get_peft_model(model, config)
+
+
+def for_training(model):
+    """A 4-bit base made ready for adapter training (PEFT's k-bit preparation); any other model as it is."""
     if getattr(model, "is_loaded_in_4bit", False):
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    torch.manual_seed(seed)
-    return get_peft_model(model, config)
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return model
+
+
+def load_policy(
+    base_dir: str | Path, cfg: ModelConfig, adapter_dir: str | Path | None = None, trainable=False
+):
+    """The base with an adapter (or none): to answer (``trainable=False``: eval mode, on the GPU when there is
+    one, the adapter merged unless the base is 4-bit) or to train on (the adapter trainable; TRL's DPO adds its
+    frozen ``ref`` copy itself)."""
+    if trainable:
+        return load_adapter(for_training(load_base(str(base_dir), cfg)), adapter_dir, trainable=True)
+    model = load_base(str(base_dir), cfg, device_map="cuda" if torch.cuda.is_available() else None)
+    if adapter_dir:
+        model = load_adapter(model, adapter_dir)
+        if not cfg.load_in_4bit:
+            # Merged LoRA generates at the base model's speed; on a 4-bit base a merge would round it away.
+            model = model.merge_and_unload()
+    return model.eval()
 
 
 def check_adapter(adapter_dir: str | Path) -> None:

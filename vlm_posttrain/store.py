@@ -233,8 +233,11 @@ def write_provenance(
     adapter_dir: Path, stage: str, config: dict, inputs: dict[str, Any], seed: int, **extra
 ) -> None:
     """``provenance.json`` in an adapter folder: what made it (stage, the config it was trained or combined
-    with, its inputs, seed, code), so the folder describes itself when copied out of the run."""
+    with, its inputs, seed, code), so the folder describes itself when copied out of the run. What the folder's
+    writer recorded there already (a soup's method and weights) is kept unless given again."""
+    path = Path(adapter_dir) / PROVENANCE
     record = {
+        **(json.loads(path.read_text()) if path.is_file() else {}),
         "stage": stage,
         "config": config,
         "inputs": inputs,
@@ -244,7 +247,7 @@ def write_provenance(
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **extra,
     }
-    (Path(adapter_dir) / PROVENANCE).write_text(json.dumps(record, indent=2, default=str))
+    path.write_text(json.dumps(record, indent=2, default=str))
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:

@@ -4,7 +4,7 @@
 (A: r×in, B: out×r) and the scale s = alpha / r per module, honouring ``rank_pattern`` / ``alpha_pattern``
 the way PEFT does, and refuses anything whose change is not Σ s·B·A per Linear module (rsLoRA, DoRA and
 other variants, embedding/conv LoRA). ``write_adapter`` writes a ``SoupResult`` as a folder that
-``PeftModel.from_pretrained(base, folder)`` loads, plus ``soup_manifest.json``; ``_soup_config`` builds the
+``PeftModel.from_pretrained(base, folder)`` loads, plus ``provenance.json``; ``_soup_config`` builds the
 config PEFT will read for it. Imports neither ``peft`` nor ``ray``.
 """
 
@@ -24,9 +24,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-MANIFEST_NAME = "soup_manifest.json"
+from vlm_posttrain.layout import ADAPTER_FILES, PROVENANCE
+
+CONFIG_NAME, WEIGHTS_NAME = ADAPTER_FILES
+MANIFEST_NAME = PROVENANCE  # what the soup is made of; the driver adds the stage, config and inputs
 KEY_PREFIX = "base_model.model."
 A_SUFFIX = ".lora_A.weight"
 B_SUFFIX = ".lora_B.weight"
@@ -244,7 +245,7 @@ def _manifest(result: SoupResult) -> dict:
 
 
 def write_adapter(result: SoupResult, out_dir: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
-    """Write a folder PeftModel.from_pretrained(base, out_dir) loads, plus soup_manifest.json; refuses existing out_dir.
+    """Write a folder PeftModel.from_pretrained(base, out_dir) loads, plus provenance.json; refuses existing out_dir.
 
     Tensors are stored in the ingredients' dtype unless `dtype` is given.
     """

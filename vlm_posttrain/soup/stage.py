@@ -5,8 +5,7 @@ Reads the SFT artifact's trial table, picks the ingredients (``soup.select``), c
 PEFT adapter folder, and only then loads the base model to score the soup, and each candidate again, on the
 val split exactly as the SFT trials were scored (greedy also scores each candidate soup). Runs without Ray:
 
-    report = build_soup(cfg.soup, cfg.sft, cfg.model, cfg.data.bad_rows, cfg.run.seed,
-                        base_dir, data_dir, sft_dir, out_dir="/tmp/soup/adapter")
+    report = build_soup(cfg, base_dir, data_dir, sft_dir, out_dir="/tmp/soup/adapter")
 """
 
 from __future__ import annotations
@@ -20,13 +19,14 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from vlm_posttrain.config import ModelConfig, SftConfig, SoupConfig
+from vlm_posttrain.config import ExperimentConfig
+from vlm_posttrain.layout import FILES
 from vlm_posttrain.soup.adapters import SoupResult, load_adapter, write_adapter
 from vlm_posttrain.soup.check import make_soup
 from vlm_posttrain.soup.select import METRIC, select_adapters
 from vlm_posttrain.soup.val_loss import ValLoss
 
-TABLE = "trials.parquet"
+TABLE = FILES["sft"]["trials"]
 
 
 def read_trials(sft_dir: str | Path) -> pd.DataFrame:
@@ -64,17 +64,14 @@ def _parity(candidates: list[dict]) -> float:
 
 
 def build_soup(
-    soup: SoupConfig,
-    sft: SftConfig,
-    model: ModelConfig,
-    bad_rows: str,
-    seed: int,
+    cfg: ExperimentConfig,
     base_dir: str | Path,
     data_dir: str | Path,
     sft_dir: str | Path,
     out_dir: str | Path,
 ) -> dict:
-    """Select, soup, self-check and write `out_dir`; returns the facts the stage manifest records."""
+    """Select, soup (``cfg.soup``), self-check and write `out_dir`; returns the facts the manifest records."""
+    soup = cfg.soup
     start = time.time()
     sft_dir = Path(sft_dir)
     selection = select_adapters(read_trials(sft_dir), soup.select, soup.top_k, soup.rank_metric)
@@ -83,7 +80,7 @@ def build_soup(
     metrics = [float(row[METRIC]) for row in selection.rows]
 
     def new_scorer() -> ValLoss:
-        return ValLoss(base_dir, data_dir, model, sft, bad_rows, seed)
+        return ValLoss(cfg, base_dir, data_dir)
 
     # Only greedy needs the base model before the soup exists; the other methods run on adapter files alone.
     scorer = new_scorer() if soup.method == "greedy" else None
@@ -131,14 +128,7 @@ def build_soup(
 
 
 def soup_payload(
-    soup: SoupConfig,
-    sft: SftConfig,
-    model: ModelConfig,
-    bad_rows: str,
-    seed: int,
-    base_dir: str | Path,
-    data_dir: str | Path,
-    sft_dir: str | Path,
+    cfg: ExperimentConfig, base_dir: str | Path, data_dir: str | Path, sft_dir: str | Path
 ) -> dict:
     """build_soup into a scratch folder; the adapter's files come back as bytes (``files``).
 
@@ -146,6 +136,6 @@ def soup_payload(
     """
     with tempfile.TemporaryDirectory(prefix="soup-") as tmp:
         adapter = Path(tmp) / "adapter"
-        report = build_soup(soup, sft, model, bad_rows, seed, base_dir, data_dir, sft_dir, adapter)
+        report = build_soup(cfg, base_dir, data_dir, sft_dir, adapter)
         report["files"] = {p.name: p.read_bytes() for p in sorted(adapter.iterdir())}
     return report

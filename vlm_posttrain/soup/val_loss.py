@@ -6,7 +6,7 @@ Same val split, same example filter (``sft.max_length``, ``data.bad_rows``), sam
 trial's ``best_eval_loss`` (the loss of the checkpoint each trial kept). No training happens. The base is
 loaded once; each call wraps it with the adapter and unwraps it afterwards.
 
-    scorer = ValLoss(base_dir, data_dir, cfg.model, cfg.sft, cfg.data.bad_rows, cfg.run.seed)
+    scorer = ValLoss(cfg, base_dir, data_dir)
     loss = scorer("runs/tiny/soup/soup-<key>/adapter")
 """
 
@@ -19,7 +19,7 @@ from transformers import PrinterCallback
 from trl import SFTTrainer
 
 from vlm_posttrain import modeling
-from vlm_posttrain.config import ModelConfig, SftConfig
+from vlm_posttrain.config import ExperimentConfig
 from vlm_posttrain.data import DataError, load_split
 from vlm_posttrain.sft import to_sft_dataset, trainer_args
 
@@ -27,16 +27,10 @@ from vlm_posttrain.sft import to_sft_dataset, trainer_args
 class ValLoss:
     """Callable: adapter folder -> mean validation loss of base + adapter (lower is better)."""
 
-    def __init__(
-        self,
-        base_dir: str | Path,
-        data_dir: str | Path,
-        model_cfg: ModelConfig,
-        sft_cfg: SftConfig,
-        bad_rows: str = "skip",
-        seed: int = 0,
-    ):
-        self.model_cfg, self.sft_cfg, self.seed = model_cfg, sft_cfg, seed
+    def __init__(self, cfg: ExperimentConfig, base_dir: str | Path, data_dir: str | Path):
+        # The SFT section's eval batch size and example filter, the data stage's bad-rows policy, the run's seed.
+        model_cfg, sft_cfg, bad_rows = cfg.model, cfg.sft, cfg.data.bad_rows
+        self.model_cfg, self.sft_cfg, self.seed = model_cfg, sft_cfg, cfg.run.seed
         self.processor = modeling.load_processor(str(base_dir), model_cfg.trust_remote_code)
         val = load_split(data_dir, "val")
         if not len(val):

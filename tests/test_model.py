@@ -1,4 +1,4 @@
-"""The offline tiny LLaVA: same classes, processor and chat template as llava-hf/llava-1.5-7b-hf."""
+"""The model stage's offline tiny LLaVA: same classes, processor and chat template as llava-hf/llava-1.5-7b-hf."""
 
 import torch
 from PIL import Image

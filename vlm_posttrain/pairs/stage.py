@@ -35,7 +35,8 @@ from vlm_posttrain import prompts
 from vlm_posttrain.config import PairsConfig
 from vlm_posttrain.data import COLUMNS, decode_image
 from vlm_posttrain.generation import Sampling, derive_seed
-from vlm_posttrain.judges import (
+from vlm_posttrain.layout import FILES
+from vlm_posttrain.pairs.judges import (
     FIRST,
     SECOND,
     TIE,
@@ -46,7 +47,6 @@ from vlm_posttrain.judges import (
     best_and_worst,
     tournament,
 )
-from vlm_posttrain.layout import FILES
 
 PAIRS, BEST_OF_K, SAMPLES, DIAGNOSTICS = (
     FILES["pairs"][name] for name in ("pairs", "best_of_k", "samples", "diagnostics")
