@@ -4,10 +4,12 @@
     python -m ray_jobs.pipeline configs/study.yaml      # the study (needs a GPU and the real checkpoints)
     ray job submit --working-dir . -- python -m ray_jobs.pipeline configs/study.yaml
     python -m ray_jobs.pipeline configs/study.yaml --plan   # the preflight plan only (no GPU, no Ray)
+    python -m ray_jobs.pipeline configs/tiny.yaml --until soup  # every stage up to the soup
 
 Stages: model (tiny only) -> data -> sft (Tune grid) -> soup (Ray task) -> [pairs (Ray Data) -> dpo (Tune
 trial)] x dpo.rounds -> eval (Ray Data) -> report. Round 1 generates pairs with the soup; round r with round
-r-1's DPO policy.
+r-1's DPO policy. :func:`run` is this sequence as a function, and every stage driver's ``main`` builds (or
+finds) its inputs with it: ``built = run(cfg, store, until="sft"); built.sft``.
 
 ``--plan`` runs nothing: it prints rows per split and the rows the data stage would skip, token lengths
 against every stage's limit, the SFT grid's trials with their memory estimate, GPU packing and optimizer
