@@ -23,6 +23,7 @@ import pandas as pd
 from ray_jobs.session import cli, connect, parse_args, stage
 from vlm_posttrain.config import ExperimentConfig
 from vlm_posttrain.layout import FILES
+from vlm_posttrain.soup.select import METRIC  # no torch, peft or ray: the driver's --help stays instant
 from vlm_posttrain.store import RunStore, build_manifest, write_provenance
 
 # torch, transformers and peft are imported where a stage runs, not here: `--help` answers at once.
@@ -34,8 +35,6 @@ def soup_trials(
     sft_table: pd.DataFrame, payload: dict, sft_id: str, soup_id: str, time_s: float
 ) -> pd.DataFrame:
     """The SFT trial table plus the soup's row; the soup's val loss fills both eval_loss and best_eval_loss."""
-    from vlm_posttrain.soup.select import METRIC
-
     table = sft_table.copy()
     table["artifact"] = sft_id
     table["in_soup"] = table["trial_id"].astype(str).isin({i["trial_id"] for i in payload["ingredients"]})
@@ -57,8 +56,6 @@ def soup_trials(
 
 
 def _metrics(payload: dict) -> dict:
-    from vlm_posttrain.soup.select import METRIC
-
     losses = [c[METRIC] for c in payload["candidates"] if math.isfinite(c[METRIC])]
     best = min(losses, default=math.nan)
     return {
@@ -145,8 +142,6 @@ def run(cfg: ExperimentConfig, store: RunStore, base_dir: str, data_dir: str, sf
 
 
 def print_summary(manifest: dict, trials: pd.DataFrame) -> None:
-    from vlm_posttrain.soup.select import METRIC
-
     check, soup = manifest.get("self_check", {}), manifest.get("soup", {})
     ingredients = [i["trial_id"] for i in manifest.get("ingredients", [])]
     # max_deviation is what the check judges; max_rel_error is the distance from the exact mean of the

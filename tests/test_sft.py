@@ -136,6 +136,10 @@ def test_tune_grid_trains_every_lora_parameter(tiny_model_dir, tiny_data_dir, ti
             start = init[name.replace(".weight", ".default.weight")]
             assert not torch.allclose(tensor, start), f"{name} did not change"
     assert len(load_split(tiny_data_dir, "val")) > 0
+    # Tune's TensorBoard logger wrote each trial's curves: `tensorboard --logdir <run root>/sft/_tune` shows them.
+    experiment = Path(store.tune_experiment("sft", Path(path).name.removeprefix("sft-")))
+    trial_dirs = [d for d in experiment.iterdir() if d.name.startswith("train_sft")]
+    assert len(trial_dirs) == 2 and all(any(d.glob("events.out.tfevents.*")) for d in trial_dirs)
     # A second run finds the complete artifact and does not retrain.
     assert sft_job.run(cfg, store, str(tiny_model_dir), str(tiny_data_dir)) == path
 
