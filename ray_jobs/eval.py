@@ -24,8 +24,7 @@ import pandas as pd
 if TYPE_CHECKING:
     from vlm_posttrain.eval import Variant
 
-from ray_jobs.pairs import actor_options
-from ray_jobs.session import cli, connect, parse_args, stage
+from ray_jobs.session import actor_options, cli, connect, parse_args, stage
 from vlm_posttrain.config import EvalConfig, ExperimentConfig, ModelConfig
 from vlm_posttrain.data import load_split
 from vlm_posttrain.layout import FILES

@@ -24,7 +24,7 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 
-from ray_jobs.session import cli, connect, parse_args, stage
+from ray_jobs.session import actor_options, cli, connect, parse_args, stage
 from vlm_posttrain.config import ExperimentConfig, ModelConfig, PairsConfig
 from vlm_posttrain.layout import FILES, MANIFEST
 from vlm_posttrain.store import RunStore, build_manifest
@@ -59,23 +59,6 @@ class JudgeAnswers:
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         return self.judge_samples(self.judge, batch)
-
-
-def actor_options(p: PairsConfig) -> dict:
-    import ray
-
-    # Pool actors get Ray Data's max_restarts=-1 and max_task_retries=-1: a dead actor is restarted and the
-    # batches it held are retried, so no row is lost (tests/test_cluster.py kills both pools mid-run). Not
-    # passed here: map_batches takes them only through the **ray_remote_args that Ray 2.64 removes.
-    options = {
-        "compute": ray.data.ActorPoolStrategy(size=p.actors),
-        "batch_size": p.batch_size,
-        "batch_format": "pandas",
-        "num_cpus": p.num_cpus,
-    }
-    if p.num_gpus > 0:
-        options["num_gpus"] = p.num_gpus
-    return options
 
 
 def judge_with_ray(cfg: ExperimentConfig, base_dir: str, data_dir: str, adapter_dir: str) -> pd.DataFrame:

@@ -1,4 +1,5 @@
-"""What every driver shares: its command line, the Ray connection, and skipping finished artifacts.
+"""What every driver shares: its command line, the Ray connection, skipping finished artifacts, the Tune
+``tuner`` (restore or create) and the Ray Data actor-pool options.
 
 A driver connects to the cluster named by ``RAY_ADDRESS`` (as ``ray job submit`` sets it) or starts a
 local Ray; either way the workers get ``HF_HUB_OFFLINE`` and the tokenizers setting from this process (never
@@ -19,7 +20,7 @@ import time
 import traceback
 from collections.abc import Callable
 
-from vlm_posttrain.config import ConfigError, ExperimentConfig, load_config
+from vlm_posttrain.config import ConfigError, EvalConfig, ExperimentConfig, PairsConfig, load_config
 from vlm_posttrain.store import RunStore
 
 DEFAULT_CONFIG = "configs/tiny.yaml"
@@ -152,6 +153,24 @@ def tuner(
             verbose=1,
         ),
     )
+
+
+def actor_options(p: PairsConfig | EvalConfig) -> dict:
+    """``map_batches`` options of a stage's actor pool: ``actors``, ``batch_size``, ``num_cpus``, ``num_gpus``."""
+    import ray
+
+    # Pool actors get Ray Data's max_restarts=-1 and max_task_retries=-1: a dead actor is restarted and the
+    # batches it held are retried, so no row is lost (tests/test_cluster.py kills both pools mid-run). Not
+    # passed here: map_batches takes them only through the **ray_remote_args that Ray 2.64 removes.
+    options = {
+        "compute": ray.data.ActorPoolStrategy(size=p.actors),
+        "batch_size": p.batch_size,
+        "batch_format": "pandas",
+        "num_cpus": p.num_cpus,
+    }
+    if p.num_gpus > 0:
+        options["num_gpus"] = p.num_gpus
+    return options
 
 
 def _job_env_vars() -> dict:
