@@ -198,3 +198,32 @@ def _write_adapter(model_dir, out):
     peft = get_peft_model(base, lora)
     peft.save_pretrained(out)
     return out
+
+
+@pytest.mark.parametrize(
+    "kinds, expected",
+    [
+        (
+            ["base", "sft", "soup", "dpo"],
+            ["base", "sft/t1", "sft/t2", "soup/delta_mean", "dpo/round1", "dpo/round2"],
+        ),
+        (["dpo", "base"], ["base", "dpo/round1", "dpo/round2"]),
+        (["soup"], ["soup/delta_mean"]),
+    ],
+)
+def test_eval_variants_are_the_ones_the_config_lists(tiny_config, tmp_path, kinds, expected):
+    """``eval.variants`` picks the kinds; each variant's adapter is the artifact's own adapter folder."""
+    from ray_jobs import eval as eval_job
+
+    sft, soup = tmp_path / "sft" / "sft-a", tmp_path / "soup" / "soup-b"
+    sft.mkdir(parents=True)
+    trials = pd.DataFrame({"trial_id": ["t1", "t2"], "adapter": ["adapters/t1", "adapters/t2"]})
+    trials.to_parquet(sft / "trials.parquet")
+    dpo = [str(tmp_path / "dpo" / f"dpo-{r}") for r in ("c", "d")]
+    variants = eval_job.variants_of(tiny_config(eval={"variants": kinds}), str(sft), str(soup), dpo)
+    assert [v.name for v in variants] == expected
+    adapters = {v.name: v.adapter for v in variants}
+    assert adapters.get("sft/t2", str(sft / "adapters/t2")) == str(sft / "adapters/t2")
+    assert adapters.get("dpo/round2", f"{dpo[1]}/adapter") == f"{dpo[1]}/adapter"
+    assert adapters.get("soup/delta_mean", str(soup / "adapter")) == str(soup / "adapter")
+    assert adapters.get("base") is None
