@@ -318,3 +318,24 @@ def test_changed_answers_counts_the_prompts_where_dpo_answers_differently_from_t
         "",
     ]
     assert changed_answers(evaluation.drop(columns="answer"), "soup/s") == []
+
+
+def test_runs_compare_side_by_side_each_against_its_own_base(tmp_path):
+    """Two runs, each judged against its own base: SFT helps the first by ~30 points and ties in the second."""
+    from analysis.compare import gains, load_runs, write_comparison
+
+    strong, weak = tmp_path / "strong", tmp_path / "weak"
+    _fake_run(strong, _fake_evaluation((("base", 0), ("sft/t0", 30), ("sft/t1", 1))))
+    _fake_run(weak, _fake_evaluation((("base", 10), ("sft/t0", 10), ("sft/t1", 12))))
+    rows = load_runs([strong, weak])
+    assert set(rows["run"]) == {"strong", "weak"} and len(rows) == 2 * 3 * 40 and "model" in rows
+    table = gains([strong, weak]).set_index("run")
+    # t0 has the lower validation loss in both runs: it is each run's SFT row, whatever its test score.
+    assert list(table["variant"]) == ["sft/t0", "sft/t0"]
+    assert table.loc["strong", "verdict"] == "better" and 25 < table.loc["strong", "diff"] < 35
+    assert table.loc["strong", "ci_lo"] > 0 and table.loc["weak", "verdict"] == "tied with base"
+    assert table.loc["weak", "ci_lo"] < 0 < table.loc["weak", "ci_hi"]
+    text = write_comparison([strong, weak], tmp_path / "compare").read_text()
+    assert "strong" in text and "weak" in text and (tmp_path / "compare" / "comparison.parquet").is_file()
+    with pytest.raises(ValueError, match="share a folder name"):
+        gains([strong, tmp_path / "other" / "strong"])
