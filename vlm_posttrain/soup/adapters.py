@@ -27,7 +27,6 @@ from safetensors.torch import load_file, save_file
 from vlm_posttrain.layout import ADAPTER_FILES, PROVENANCE
 
 CONFIG_NAME, WEIGHTS_NAME = ADAPTER_FILES
-MANIFEST_NAME = PROVENANCE  # what the soup is made of; the driver adds the stage, config and inputs
 KEY_PREFIX = "base_model.model."
 A_SUFFIX = ".lora_A.weight"
 B_SUFFIX = ".lora_B.weight"
@@ -260,7 +259,8 @@ def write_adapter(result: SoupResult, out_dir: str | os.PathLike, dtype: torch.d
             _state_dict(result, dtype or result.dtype), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"}
         )
         (tmp / CONFIG_NAME).write_text(json.dumps(result.config, indent=2, sort_keys=True) + "\n")
-        (tmp / MANIFEST_NAME).write_text(json.dumps(_manifest(result), indent=2) + "\n")
+        # What the soup is made of; the driver adds the stage, config and inputs to the same file.
+        (tmp / PROVENANCE).write_text(json.dumps(_manifest(result), indent=2) + "\n")
         tmp.chmod(0o755)  # mkdtemp makes it 0700
         os.rename(tmp, out_dir)
     except BaseException:
