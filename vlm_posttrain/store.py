@@ -95,15 +95,10 @@ class RunStore:
 
     def stage_key(self, stage: str, section: dict, inputs: dict[str, Any], seed: int) -> str:
         """The one rule for every artifact's key: the stage, its config section without execution settings
-        (``ExperimentConfig.keyed``), its inputs by id (:meth:`ref`; a list of names and paths, as eval's
-        variants, id by id) and the seed. The inputs are the ones its manifest records."""
-        ids = {name: self._refs(value) for name, value in inputs.items()}
+        (``ExperimentConfig.keyed``), its inputs by id (paths by :meth:`ref`; other values, as DPO's round, as
+        they are) and the seed. The inputs are the ones its manifest records."""
+        ids = {k: self.ref(v) if isinstance(v, (str, os.PathLike)) else v for k, v in inputs.items()}
         return digest(stage, section, ids, seed)
-
-    def _refs(self, value: Any) -> Any:
-        if isinstance(value, (list, tuple)):
-            return [self._refs(v) for v in value]
-        return self.ref(value) if isinstance(value, (str, os.PathLike)) else value
 
     def in_artifact(self, artifact_path: str, *parts: str) -> str:
         """A path inside a published artifact, on this machine (a cached copy when the run root is remote):
