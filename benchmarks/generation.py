@@ -107,12 +107,12 @@ def run_loop(generator, tasks, sampling) -> dict:
 
 def run_batched(generator, prepared, batch_size: int, sampling) -> dict:
     """The answering actor's call on the loop's prompts: ``generate_encoded`` per batch of prepared rows."""
-    from vlm_posttrain.eval import ENCODED
+    from vlm_posttrain.eval import encoded_columns
 
     start = time.perf_counter()
     tokens = 0
     for i in range(0, len(prepared), batch_size):
-        rows = prepared.iloc[i : i + batch_size][list(ENCODED)].to_dict("records")
+        rows = prepared.iloc[i : i + batch_size][encoded_columns(prepared)].to_dict("records")
         tokens += generator.generate_encoded(rows, sampling=sampling).generated_tokens
     return _side("batched", batch_size, time.perf_counter() - start, tokens)
 

@@ -90,7 +90,7 @@ def test_pairs_parquet_loads_into_trl_collator_with_every_image_token(setup, pro
     # The lengths checked against max_length are the lengths the collator builds.
     for i, example in enumerate(ds.select(range(3))):
         _, n_prompt, n = dpo.pair_length(
-            processor, example["prompt"], example["chosen"], example["rejected"], IMAGE_TOKENS
+            processor, example["prompt"], example["chosen"], example["rejected"], [IMAGE_TOKENS]
         )
         lengths = batch["attention_mask"][[i, i + 3]].sum(dim=1)
         assert (
@@ -136,7 +136,7 @@ def test_max_length_that_would_cut_image_tokens_is_an_error(setup, processor):
         dpo.to_dpo_dataset(pairs, processor, 10)
     first = dpo.to_dpo_dataset(pairs.head(1), processor, 512)[0]
     _, n_prompt, n = dpo.pair_length(
-        processor, first["prompt"], first["chosen"], first["rejected"], IMAGE_TOKENS
+        processor, first["prompt"], first["chosen"], first["rejected"], [IMAGE_TOKENS]
     )
     assert len(dpo.to_dpo_dataset(pairs.head(1), processor, n)) == 1
     with pytest.raises(DataError, match="would cut the answer"):

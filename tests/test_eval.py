@@ -139,19 +139,23 @@ def test_prepared_prompts_generate_what_the_processor_batch_does(tiny_model_dir,
     """Rows through the processor one by one (a Ray Data task's work), padded by the actor, give the same
     batch and the same answers as one padded processor call."""
     from vlm_posttrain.config import ModelConfig
-    from vlm_posttrain.eval import ENCODED, prepare_tasks
+    from vlm_posttrain.eval import encoded_columns, prepare_tasks
     from vlm_posttrain.generation import Generator, Sampling
 
     gen = Generator.load(tiny_model_dir, ModelConfig(name=str(tiny_model_dir)))
     rows = load_split(tiny_data_dir, "train").head(5)
     tasks = rows.assign(system_prompt=["", "Be brief.", "", "", "Answer with one word."], variant="base")
     prepared = prepare_tasks(gen.processor, tasks)
-    assert list(prepared.columns) == list(tasks.columns) + list(ENCODED)
+    assert list(prepared.columns) == [*tasks.columns, "input_ids", "pixel_values"]
+    assert encoded_columns(prepared) == ["input_ids", "pixel_values"]
     images = [decode_image(b) for b in tasks["image"]]
     texts = [
         gen.prompt(list(c), p) for c, p in zip(tasks["conversations"], tasks["system_prompt"], strict=True)
     ]
-    batch, collated = gen.encode(images, texts), gen.collate(prepared[list(ENCODED)].to_dict("records"))
+    batch, collated = (
+        gen.encode(images, texts),
+        gen.collate(prepared[encoded_columns(prepared)].to_dict("records")),
+    )
     assert batch["input_ids"].shape[1] > min(
         len(i) for i in prepared["input_ids"]
     )  # prompts of several lengths
@@ -159,7 +163,7 @@ def test_prepared_prompts_generate_what_the_processor_batch_does(tiny_model_dir,
         assert torch.equal(batch[key], collated[key]), key
     sampling = Sampling(max_new_tokens=8)
     direct = gen.generate(images, texts, sampling=sampling)
-    encoded = gen.generate_encoded(prepared[list(ENCODED)].to_dict("records"), sampling=sampling)
+    encoded = gen.generate_encoded(prepared[encoded_columns(prepared)].to_dict("records"), sampling=sampling)
     assert direct.texts == encoded.texts and direct.tokens == encoded.tokens
 
 

@@ -16,7 +16,7 @@ from vlm_posttrain.data import decode_image, load_split
 from vlm_posttrain.generation import Generator, Sampling, encode_rows
 from vlm_posttrain.llava15 import IMAGE_SEQ_LENGTH, IMAGE_TOKEN_ID, PAD_TOKEN_ID
 from vlm_posttrain.pairs.judges import SelfJudge, label_tokens
-from vlm_posttrain.sft import image_token_count, to_sft_dataset
+from vlm_posttrain.sft import to_sft_dataset
 
 BOS, EOS, SPACE = 1, 2, 29871  # SPACE: the lone "▁" a completion tokenized on its own starts with (legacy)
 # vLLM's LLaVA code documents these ids for llava-hf/llava-1.5-7b-hf (before <image> is expanded).
@@ -113,7 +113,11 @@ def test_processor_is_llava_hf_s(processor):
         PAD_TOKEN_ID,
         "left",
     )
-    assert image_token_count(processor) == 576
+    from vlm_posttrain.families import image_tokens
+
+    assert {image_tokens(processor, Image.new("RGB", s)) for s in [(640, 480), (200, 900), (336, 336)]} == {
+        576
+    }
     pixels = processor(text=[DOC_PROMPT], images=[Image.new("RGB", (900, 500))], return_tensors="pt")[
         "pixel_values"
     ]
@@ -213,7 +217,7 @@ def test_dpo_trains_the_sft_tokens_after_the_generation_prompt(processor, rows):
         dpo.structured(example["prompt"], 1),
         dpo.structured(example["chosen"], 0),
         dpo.structured(example["rejected"], 0),
-        576,
+        [576],
     )
     assert n_prompt == len(prompt_ids[0]["input_ids"]) and n == int(batch["attention_mask"].sum(dim=1).max())
     # TRL 1.16's own collator tokenizes the completion apart: under the legacy normalizer one token too many.

@@ -159,8 +159,9 @@ def _study(
 def test_study_plan(llava15_model, shared_data, tmp_path):
     from vlm_posttrain import modeling, prompts
     from vlm_posttrain.config import load_config
-    from vlm_posttrain.data import split_rows
-    from vlm_posttrain.sft import image_token_count, token_length
+    from vlm_posttrain.data import decode_image, split_rows
+    from vlm_posttrain.families import image_tokens
+    from vlm_posttrain.sft import token_length
 
     out, seconds = _study(llava15_model, shared_data, tmp_path / "run")
     print(out.stdout)
@@ -178,13 +179,17 @@ def test_study_plan(llava15_model, shared_data, tmp_path):
     )
     by_split, _, _ = split_rows(cfg.data, cfg.run.seed, "lrv")
     processor = modeling.load_processor(str(llava15_model))
-    image_tokens = image_token_count(processor)
+    counts = {
+        str(r["example_id"]): image_tokens(processor, decode_image(r["image"]))
+        for split in ("train", "val")
+        for r in by_split[split]
+    }
     longest = max(
-        token_length(processor, prompts.to_messages(list(r["conversations"])), image_tokens)
+        token_length(processor, prompts.to_messages(list(r["conversations"])), [counts[str(r["example_id"])]])
         for split in ("train", "val")
         for r in by_split[split]
     )
-    assert image_tokens == 576 and 700 < longest < 800
+    assert set(counts.values()) == {576} and 700 < longest < 800
     assert f"the longest example has {longest} tokens: fits sft.max_length=2048" in out.stdout
     assert "576 image tokens per image" in out.stdout
     assert len(re.findall(r"^  trial \d+: lora_alpha=\d+ lora_dropout=", out.stdout, re.M)) == 4

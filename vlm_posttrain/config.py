@@ -20,6 +20,8 @@ from typing import Any, ClassVar, Literal
 
 import yaml
 
+# PEFT full-matches the regex against module names: the language model's projections only, never the vision
+# tower's (CLIP's q/k/v_proj, Qwen2.5-VL's gate/up/down_proj), in every family (vlm_posttrain.families).
 LORA_LANGUAGE_TARGET = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 GRID_KEYS = ("learning_rate", "lora_r", "lora_alpha", "lora_dropout", "epochs", "train_projector")
 
@@ -54,8 +56,11 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    # A hub id, a local folder, or "tiny": the offline tiny LLaVA, instruction-tuned on synthetic charts.
+    # A hub id, a local folder, or "tiny": the offline tiny model, instruction-tuned on synthetic charts.
     name: str
+    # The model family (vlm_posttrain.families): read from the checkpoint's config.json; for "tiny", which
+    # family's tiny model to build ("" is LLaVA-1.5's).
+    family: Literal["", "llava", "llava_onevision", "qwen2_vl"] = ""
     load_in_4bit: bool = False
     compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     lora_target: str = LORA_LANGUAGE_TARGET
@@ -68,6 +73,36 @@ class ModelConfig:
             raise ValueError(
                 "trust_remote_code: the built-in tiny model needs no remote code; set it to false"
             )
+        if self.name != "tiny":
+            self._check_family()
+
+    def _check_family(self) -> None:
+        from vlm_posttrain import families
+        from vlm_posttrain.published import PUBLISHED
+
+        model_type = families.model_type_of(self.name)
+        if model_type is None and self.name in PUBLISHED:
+            model_type = PUBLISHED[self.name].model_type
+        if model_type is None:
+            return  # not readable offline: the model stage's check_source names what is missing
+        try:
+            detected = families.by_model_type(model_type, self.name)
+        except families.UnknownArchitecture as err:
+            raise ValueError(f"name: {err}") from None
+        if self.family and self.family != detected.name:
+            raise ValueError(
+                f"family: '{self.family}' but model '{self.name}' is a {detected.name} model; remove "
+                "model.family (it is read from the checkpoint)"
+            )
+
+    @property
+    def family_name(self) -> str:
+        """The family this model belongs to (``tiny``: the one it builds)."""
+        if self.name == "tiny":
+            return self.family or "llava"
+        from vlm_posttrain import families
+
+        return families.detect(self.name).name
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ the loss at zero margin (ln 2 for ``sigmoid``); a run whose first loss is not st
 
 Pairs come in the preference-row layout (``images``, ``prompt``, ``chosen``, ``rejected`` in TRL's
 conversational vision format) and are rendered by TRL's vision collator through the processor's chat
-template, which ``modeling.load_processor`` sets to this project's LLaVA-1.5 template: the same bytes as
+template, which ``modeling.load_processor`` sets to the family's training template: the same bytes as
 SFT and evaluation. :class:`PreferenceCollator` tokenizes each answer after its prompt, so the tokens DPO
 trains are the ones SFT supervises and generation emits. A pair whose prompt (image tokens included) plus
 longer answer exceeds ``dpo.max_length`` is never truncated: it is skipped and counted under
@@ -39,11 +39,10 @@ from trl import DPOTrainer
 from trl.trainer import utils as trl_utils
 from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
 
-from vlm_posttrain import modeling, prompts, training
+from vlm_posttrain import families, modeling, prompts, training
 from vlm_posttrain.config import DpoConfig, ModelConfig
 from vlm_posttrain.data import DataError, Rejects, decode_image
 from vlm_posttrain.layout import FILES
-from vlm_posttrain.sft import image_token_count
 
 PAIR_COLUMNS = ("images", "prompt", "chosen", "rejected")
 PAIRS_FILE = FILES["pairs"]["pairs"]
@@ -150,17 +149,18 @@ def render_pair(processor, prompt: list[dict], completion: list[dict]) -> tuple[
     return prompt_text, full[len(prompt_text) :]
 
 
-def pair_length(processor, prompt, chosen, rejected, image_tokens: int) -> tuple[int, int, int]:
-    """Token counts of what the collator will build, every ``<image>`` expanded: (through the last image
-    token, the prompt, the prompt + the longer answer)."""
+def pair_length(processor, prompt, chosen, rejected, image_tokens: Sequence[int]) -> tuple[int, int, int]:
+    """Token counts of what the collator will build, each image's placeholder expanded to its
+    ``image_tokens``: (through the last image token, the prompt, the prompt + the longer answer)."""
 
     def count(text: str) -> int:
         return len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    placeholder = families.of_processor(processor).image_token
     prompt_text, chosen_text = render_pair(processor, prompt, chosen)
     _, rejected_text = render_pair(processor, prompt, rejected)
-    extra = prompt_text.count(prompts.IMAGE_TOKEN) * (image_tokens - 1)
-    last_image = prompt_text.rfind(prompts.IMAGE_TOKEN) + len(prompts.IMAGE_TOKEN)
+    extra = sum(n - 1 for n in image_tokens)
+    last_image = prompt_text.rfind(placeholder) + len(placeholder)
     n_prompt = count(prompt_text) + extra
     longest = max(
         len(prompts.completion_ids(processor.tokenizer, prompt_text, text))
@@ -177,7 +177,7 @@ def _cut(image_end: int, n_prompt: int, max_length: int) -> str:
 
 def _too_long(row_id: str, n: int, n_prompt: int, image_tokens: int, max_length: int, cut: str) -> str:
     return (
-        f"pair '{row_id}': {n} tokens (the prompt {n_prompt}, with {image_tokens} per image) exceed "
+        f"pair '{row_id}': {n} tokens (the prompt {n_prompt}, {image_tokens} of them image tokens) exceed "
         f"dpo.max_length={max_length} and would cut {cut}; raise dpo.max_length or set data.bad_rows=skip"
     )
 
@@ -188,17 +188,18 @@ def fit_pairs(
     """The pairs that fit ``max_length`` whole (prompt with its image tokens + the longer answer). A longer
     pair is dropped and counted as ``too_long`` under ``data.bad_rows: skip``, an error naming it under
     ``fail``; DPO never truncates one. Run by the driver before any trial, and by the trial on the same rows."""
-    image_tokens = image_token_count(processor)
     rejects, keep = Rejects(), []
     for i, row in enumerate(pairs_df.to_dict("records")):
         row_id = row.get("example_id", f"#{i}")
-        prompt = structured(_plain(row["prompt"]), len(_plain(row["images"])))
+        images = [decode_pair_image(v) for v in _plain(row["images"])]
+        image_tokens = [families.image_tokens(processor, image) for image in images]
+        prompt = structured(_plain(row["prompt"]), len(images))
         chosen, rejected = (structured(_plain(row[c]), 0) for c in ("chosen", "rejected"))
         image_end, n_prompt, n = pair_length(processor, prompt, chosen, rejected, image_tokens)
         fits = n <= max_length
         if not fits and bad_rows == "fail":
             cut = _cut(image_end, n_prompt, max_length)
-            raise DataError(_too_long(row_id, n, n_prompt, image_tokens, max_length, cut))
+            raise DataError(_too_long(row_id, n, n_prompt, sum(image_tokens), max_length, cut))
         if not fits:
             rejects.add("too_long", row_id)
         keep.append(fits)
@@ -267,13 +268,17 @@ class PreferenceCollator(DataCollatorForVisionPreference):
             [torch.ones_like(c) for c in completions], padding_value=0, padding_side="right"
         )
         prompt_mask = output["attention_mask"]
-        attention_mask, input_ids, completion_mask = trl_utils.flush_left(
+        # Per-token type ids (Qwen2-VL's mm_token_type_ids, Gemma's token_type_ids) run along the prompt: the
+        # completion's are 0 (text), and they are flushed with the rest, as in TRL's own collator.
+        typed = sorted(families.TOKEN_TYPE_KEYS & output.keys())
+        flushed = trl_utils.flush_left(
             torch.cat((prompt_mask, completion_mask), dim=1),
             torch.cat((output["input_ids"], completion_ids), dim=1),
             torch.cat((torch.zeros_like(prompt_mask), completion_mask), dim=1),
+            *(torch.cat((output[k], torch.zeros_like(completion_ids)), dim=1) for k in typed),
         )
-        output["input_ids"], output["attention_mask"] = input_ids, attention_mask
-        output["completion_mask"] = completion_mask
+        output["attention_mask"], output["input_ids"], output["completion_mask"] = flushed[:3]
+        output.update(zip(typed, flushed[3:], strict=True))
         return output
 
 

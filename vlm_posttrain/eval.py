@@ -37,8 +37,15 @@ from vlm_posttrain.reference import judge_reference
 
 # PEFT's name for "no adapter" in a mixed-adapter batch.
 BASE_ADAPTER = "__base__"
-# The processor outputs a prepared task carries (LLaVA-1.5: fixed-size images, so they stack).
-ENCODED = ("input_ids", "pixel_values")
+# The processor outputs a prepared task may carry: LLaVA-1.5's, then LLaVA-OneVision's and Qwen2-VL's extras.
+ENCODED = (
+    "input_ids",
+    "pixel_values",
+    "image_sizes",
+    "batch_num_images",
+    "mm_token_type_ids",
+    "image_grid_thw",
+)
 
 
 @dataclass(frozen=True)
@@ -59,9 +66,15 @@ def prepare_tasks(processor, tasks: pd.DataFrame) -> pd.DataFrame:
     unknown = set(encoded.columns) - set(ENCODED)
     if unknown:
         raise ValueError(
-            f"processor outputs {sorted(unknown)}: prepared answering supports LLaVA-1.5 processors"
+            f"processor outputs {sorted(unknown)}: prepared answering knows only {', '.join(ENCODED)}; "
+            "add the family's outputs to vlm_posttrain.eval.ENCODED"
         )
-    return pd.concat([tasks, encoded], axis=1)
+    return pd.concat([tasks, encoded[encoded_columns(encoded)]], axis=1)
+
+
+def encoded_columns(tasks: pd.DataFrame) -> list[str]:
+    """The processor outputs a prepared frame carries, in :data:`ENCODED` order."""
+    return [c for c in ENCODED if c in tasks.columns]
 
 
 class VariantAnswerer:
@@ -112,7 +125,7 @@ class VariantAnswerer:
         if "input_ids" not in tasks:
             tasks = prepare_tasks(self.generator.processor, tasks)
         conversations = [list(c) for c in tasks["conversations"]]
-        encoded = tasks[list(ENCODED)].to_dict("records")
+        encoded = tasks[encoded_columns(tasks)].to_dict("records")
         seeds = [derive_seed(seed, example_id) for example_id in tasks["example_id"]]
         variants = list(tasks["variant"])
         single = len(set(variants)) == 1

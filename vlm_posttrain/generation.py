@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, TopPLogitsWarper
 
-from vlm_posttrain import modeling, prompts
+from vlm_posttrain import families, modeling, prompts
 from vlm_posttrain.config import ModelConfig
 
 
@@ -122,32 +122,53 @@ def eos_ids(model, tokenizer) -> list[int]:
 def encode_rows(processor, images: Sequence, texts: Sequence[str]) -> list[dict]:
     """Each (image, prompt) through the processor on its own, unpadded, as numpy arrays (``input_ids`` with
     the image tokens expanded, ``pixel_values``, ...): CPU work a Ray Data task does ahead of the model's actor.
+    A family's per-image patch lists (Qwen2-VL's ``pixel_values``, ``image_grid_thw``) are kept whole; every
+    other output loses its batch axis of one.
     """
     if len(images) != len(texts):
         raise ValueError(f"{len(images)} images for {len(texts)} prompts; give one image per prompt")
+    flat = families.of_processor(processor).flat_vision_keys
     rows = []
     for image, text in zip(images, texts, strict=True):
         # The template writes every special token, its BOS too: the tokenizer adds none, as in TRL's collators.
         out = processor(text=[text], images=[image], return_tensors="np", add_special_tokens=False)
-        rows.append({key: value[0] for key, value in out.items() if key != "attention_mask"})
+        rows.append({k: v if k in flat else v[0] for k, v in out.items() if k != "attention_mask"})
     return rows
 
 
-def collate(tokenizer, rows: Sequence[dict]) -> dict:
-    """Rows of :func:`encode_rows` as one batch: ``input_ids`` left-padded by the tokenizer (its padding side
-    is set at load), every other array stacked."""
+def _pad_first_axis(arrays: list[np.ndarray]) -> np.ndarray:
+    # LLaVA-OneVision's patch count varies with the image's aspect; its model reads only each image's own
+    # patches (by image_sizes), so zero patches fill the rest, as its processor pads a batch itself.
+    longest = max(a.shape[0] for a in arrays)
+    return np.stack(
+        [np.concatenate([a, np.zeros((longest - len(a), *a.shape[1:]), a.dtype)]) for a in arrays]
+    )
+
+
+def collate(processor, rows: Sequence[dict]) -> dict:
+    """Rows of :func:`encode_rows` as one batch, as the processor itself batches: ``input_ids`` left-padded by
+    the tokenizer (its padding side is set at load) and per-token type ids with it; per-image patch lists
+    concatenated; every other array stacked, padded along its first axis where images differ in size."""
+    flat = families.of_processor(processor).flat_vision_keys
     ids = [np.asarray(r["input_ids"]).tolist() for r in rows]
-    batch = dict(tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt"))
+    batch = dict(processor.tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt"))
+    width = batch["input_ids"].shape[1]
     for key in rows[0]:
         if key == "input_ids":
             continue
         arrays = [np.asarray(r[key]) for r in rows]
-        if len({a.shape for a in arrays}) > 1:
-            raise ValueError(
-                f"processor output '{key}' differs in shape across prompts ({sorted({a.shape for a in arrays})}); "
-                "prepared batches need a processor with one image size (LLaVA-1.5's); use Generator.generate"
+        if key in flat:
+            batch[key] = torch.from_numpy(np.concatenate(arrays))
+        elif all(a.ndim == 1 and len(a) == len(i) for a, i in zip(arrays, ids, strict=True)):
+            left = processor.tokenizer.padding_side == "left"
+            pads = [(width - len(a), 0) if left else (0, width - len(a)) for a in arrays]
+            batch[key] = torch.from_numpy(
+                np.stack([np.pad(a, pad) for a, pad in zip(arrays, pads, strict=True)])
             )
-        batch[key] = torch.from_numpy(np.stack(arrays))
+        elif len({a.shape for a in arrays}) > 1:
+            batch[key] = torch.from_numpy(_pad_first_axis(arrays))
+        else:
+            batch[key] = torch.from_numpy(np.stack(arrays))
     return batch
 
 
@@ -181,7 +202,7 @@ class Generator:
 
     def collate(self, rows: Sequence[dict]) -> dict:
         """Rows from :func:`encode_rows` as one left-padded batch on the model's device."""
-        return to_device(collate(self.tokenizer, rows), self.device, self.dtype)
+        return to_device(collate(self.processor, rows), self.device, self.dtype)
 
     def generate(
         self,

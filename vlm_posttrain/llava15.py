@@ -139,8 +139,9 @@ def build_tokenizer(gguf_path: str | Path, pipeline: Pipeline = "legacy"):
     return tok
 
 
-def build_processor(gguf_path: str | Path, pipeline: Pipeline = "legacy") -> LlavaProcessor:
-    image_processor = CLIPImageProcessorPil(
+def image_processor() -> CLIPImageProcessorPil:
+    """llava-hf/llava-1.5-*-hf's image processor: 336 px, bicubic, centre crop, CLIP's mean and std."""
+    return CLIPImageProcessorPil(
         size={"shortest_edge": IMAGE_SIZE},
         crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
         resample=3,  # bicubic
@@ -148,8 +149,11 @@ def build_processor(gguf_path: str | Path, pipeline: Pipeline = "legacy") -> Lla
         image_mean=CLIP_MEAN,
         image_std=CLIP_STD,
     )
+
+
+def build_processor(gguf_path: str | Path, pipeline: Pipeline = "legacy") -> LlavaProcessor:
     return LlavaProcessor(
-        image_processor=image_processor,
+        image_processor=image_processor(),
         tokenizer=build_tokenizer(gguf_path, pipeline),
         patch_size=PATCH,
         vision_feature_select_strategy="default",

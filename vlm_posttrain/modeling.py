@@ -1,9 +1,9 @@
 """Loading the base VLM and attaching LoRA adapters, the same way in every stage.
 
-A base model is a hub id or a local folder (``model.name``); ``model.load_in_4bit`` loads it as QLoRA's NF4
-base through bitsandbytes, keeping the vision tower, the projector and the LM head unquantized. LoRA goes on
-the language model only (``model.lora_target`` is a regex: PEFT's name lists also hit the CLIP tower).
-The processor always gets this project's chat template (``prompts.LLAVA_15_TEMPLATE``).
+A base model is a hub id or a local folder (``model.name``) of any family in ``vlm_posttrain.families``;
+``model.load_in_4bit`` loads it as QLoRA's NF4 base through bitsandbytes, keeping the family's vision tower,
+projector and LM head unquantized. LoRA goes on the language model only (``model.lora_target`` is a regex:
+PEFT's name lists also hit the vision tower). The processor always gets its family's training template.
 """
 
 from __future__ import annotations
@@ -13,14 +13,10 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
+from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
 
+from vlm_posttrain import families
 from vlm_posttrain.config import ModelConfig, SftConfig
-from vlm_posttrain.prompts import LLAVA_15_TEMPLATE
-
-# Module names match from the start of the path (bitsandbytes' rule): the short names skip nothing.
-SKIP_QUANTIZATION = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
-PROJECTOR = "multi_modal_projector"
 
 
 class ModelLoadError(ValueError):
@@ -59,10 +55,11 @@ def check_source(path: str) -> None:
 
 
 def load_processor(path: str, trust_remote_code: bool = False):
+    """The policy's processor with its family's training template (every prompt renders through it)."""
     check_source(path)
-    processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
-    processor.chat_template = LLAVA_15_TEMPLATE
-    processor.tokenizer.padding_side = "left"
+    family = families.detect(path)
+    processor = load_any_processor(path, trust_remote_code)
+    processor.chat_template = family.chat_template
     return processor
 
 
@@ -80,7 +77,8 @@ def load_base(path: str, cfg: ModelConfig, device_map: str | None = None):
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=_dtype(cfg.compute_dtype),
-            llm_int8_skip_modules=SKIP_QUANTIZATION,
+            # Module names match from the start of the path (bitsandbytes' rule): short names skip nothing.
+            llm_int8_skip_modules=list(families.detect(path).skip_quantization),
         )
     if device_map:
         kwargs["device_map"] = device_map
@@ -100,14 +98,14 @@ def _fix_cpu_4bit(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def lora_config(sft: SftConfig, target: str) -> LoraConfig:
+def lora_config(sft: SftConfig, target: str, family: families.Family = families.LLAVA) -> LoraConfig:
     """PEFT's LoRA config of one SFT trial (``sft``: the section at the trial's grid point)."""
     return LoraConfig(
         r=sft.lora_r,
         lora_alpha=sft.lora_alpha,
         lora_dropout=sft.lora_dropout,
         target_modules=target,
-        modules_to_save=[PROJECTOR] if sft.train_projector else None,
+        modules_to_save=[family.projector] if sft.train_projector else None,
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -168,7 +166,7 @@ def load_adapter(base, adapter_dir: str | Path, trainable: bool = False, name: s
     return PeftModel.from_pretrained(base, str(adapter_dir), adapter_name=name, is_trainable=trainable)
 
 
-def load_any_processor(path: str):
+def load_any_processor(path: str, trust_remote_code: bool = False):
     """``AutoProcessor``, or without torchvision, the same processor class minus its video processor.
 
     transformers builds video processors only with torchvision (huggingface/transformers#43986), which these
@@ -179,7 +177,7 @@ def load_any_processor(path: str):
     from transformers.utils import is_torchvision_available
 
     try:
-        processor = AutoProcessor.from_pretrained(path)
+        processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (ImportError, OSError):
         if is_torchvision_available():
             raise

@@ -58,7 +58,8 @@ class Plan:
     """The preflight plan of one config (see the module docstring); every table is a pandas DataFrame."""
 
     cfg: ExperimentConfig
-    image_tokens: int
+    # Tokens each image becomes, over the rows' images: one number for LLaVA-1.5 (576), a range for the others.
+    image_tokens: tuple[int, int, int]  # min, median, max
     context: int  # the language model's max_position_embeddings
     where: str  # the data input, as the data stage names it
     rows: pd.DataFrame  # split, rows
@@ -97,18 +98,34 @@ def _quiet_bitsandbytes():
 def load_model_inputs(cfg: ExperimentConfig) -> tuple[Any, Any]:
     """(processor, model config) without weights; ``tiny`` built as the model stage builds it."""
     with _quiet_bitsandbytes():
-        if cfg.model.name == "tiny":
-            from vlm_posttrain.tiny import build_processor, tiny_llava_config
-
-            processor = build_processor()
-            return processor, tiny_llava_config(processor.tokenizer)
         from transformers import AutoConfig
 
         from vlm_posttrain.modeling import load_processor
 
+        if cfg.model.name == "tiny" and cfg.model.family_name == "llava":
+            from vlm_posttrain.tiny import build_processor, tiny_llava_config
+
+            processor = build_processor()
+            return processor, tiny_llava_config(processor.tokenizer)
+        if cfg.model.name == "tiny":
+            import tempfile
+
+            from vlm_posttrain.tiny import BUILDERS
+
+            with tempfile.TemporaryDirectory(prefix="plan-tiny-") as tmp:
+                folder = str(BUILDERS[cfg.model.family_name](tmp))
+                return load_processor(folder), AutoConfig.from_pretrained(folder)
+
         trust = cfg.model.trust_remote_code
         processor = load_processor(cfg.model.name, trust)
         return processor, AutoConfig.from_pretrained(cfg.model.name, trust_remote_code=trust)
+
+
+def _image_tokens_text(counts: tuple[int, int, int]) -> str:
+    low, median, high = counts
+    if low == high:
+        return f"{low} image tokens"
+    return f"{low}-{high} image tokens (median {median})"
 
 
 def _context(model_config: Any) -> int:
@@ -120,10 +137,25 @@ def _context(model_config: Any) -> int:
 
 
 def prompt_length(processor, conversations: list[dict], image_tokens: int, system_prompt: str = "") -> int:
-    """Tokens of the generation prompt (the last answer removed), every ``<image>`` expanded, BOS included."""
+    """Tokens of the generation prompt (the last answer removed), its one image's placeholder expanded to
+    ``image_tokens``, BOS included."""
     text = prompts.generation_prompt(processor, conversations, system_prompt)
     ids = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
-    return len(ids) + text.count(prompts.IMAGE_TOKEN) * (image_tokens - 1)
+    return len(ids) + image_tokens - 1
+
+
+def row_image_tokens(processor, rows: list[dict]) -> dict[str, int]:
+    """Each row's image tokens by its image's size, read from the file header (nothing decoded)."""
+    import io
+
+    from PIL import Image
+
+    from vlm_posttrain import families
+
+    return {
+        str(r["example_id"]): families.image_tokens(processor, Image.open(io.BytesIO(r["image"])))
+        for r in rows
+    }
 
 
 def _length_row(stage: str, sequence: str, lengths: list[int], limit: int, limit_name: str) -> dict:
@@ -275,8 +307,9 @@ def build_plan(cfg: ExperimentConfig) -> Plan:
     if not by_split["train"]:
         raise DataError("the split left no training rows; lower data.val_fraction / data.test_fraction")
     with _quiet_bitsandbytes():
-        from vlm_posttrain.sft import image_token_count, token_length
-    image_tokens = image_token_count(processor)
+        from vlm_posttrain.sft import token_length
+    per_row = row_image_tokens(processor, [r for rows in by_split.values() for r in rows])
+    counts = sorted(per_row.values())
     context = _context(model_config)
     problems: list[str] = []
     notes: list[str] = []
@@ -284,7 +317,10 @@ def build_plan(cfg: ExperimentConfig) -> Plan:
     # SFT: every train and val example, whole, as the SFT stage filters them.
     sft_len = {
         s: [
-            token_length(processor, prompts.to_messages(list(r["conversations"])), image_tokens) for r in rows
+            token_length(
+                processor, prompts.to_messages(list(r["conversations"])), [per_row[str(r["example_id"])]]
+            )
+            for r in rows
         ]
         for s, rows in by_split.items()
         if s in ("train", "val")
@@ -301,7 +337,9 @@ def build_plan(cfg: ExperimentConfig) -> Plan:
 
     # Pairs -> DPO: the first pairs.limit train rows, as the pairs stage reads them.
     pairs_rows = by_split["train"][: cfg.pairs.limit] if cfg.pairs.limit else by_split["train"]
-    dpo_prompt = [prompt_length(processor, list(r["conversations"]), image_tokens) for r in pairs_rows]
+    dpo_prompt = [
+        prompt_length(processor, list(r["conversations"]), per_row[str(r["example_id"])]) for r in pairs_rows
+    ]
     answer = cfg.pairs.max_new_tokens + 1
     dpo_full = [n + answer for n in dpo_prompt]
     dpo_limit = cfg.dpo.max_length
@@ -309,7 +347,7 @@ def build_plan(cfg: ExperimentConfig) -> Plan:
     if over_prompt:
         problems.append(
             f"dpo.max_length={dpo_limit}: {over_prompt} of {len(dpo_prompt)} DPO prompt(s) are longer (the longest "
-            f"{max(dpo_prompt)} tokens, {image_tokens} of them image tokens) and the DPO stage stops on a pair it "
+            f"{max(dpo_prompt)} tokens, up to {counts[-1]} of them image tokens) and the DPO stage stops on a pair it "
             f"would cut (it never truncates or skips one); raise dpo.max_length to at least {max(dpo_full)} "
             f"(prompt + pairs.max_new_tokens + EOS)"
         )
@@ -323,7 +361,7 @@ def build_plan(cfg: ExperimentConfig) -> Plan:
     # Eval: the first eval.limit test rows, under every system prompt.
     test_rows = by_split["test"][: cfg.eval.limit] if cfg.eval.limit else by_split["test"]
     eval_prompt = [
-        prompt_length(processor, list(r["conversations"]), image_tokens, sp)
+        prompt_length(processor, list(r["conversations"]), per_row[str(r["example_id"])], sp)
         for sp in cfg.eval.system_prompts
         for r in test_rows
     ]
@@ -363,7 +401,7 @@ def build_plan(cfg: ExperimentConfig) -> Plan:
     all_sft = sft_len["train"] + sft_len["val"]
     return Plan(
         cfg=cfg,
-        image_tokens=image_tokens,
+        image_tokens=(counts[0], counts[len(counts) // 2], counts[-1]),
         context=context,
         where=where,
         rows=pd.DataFrame({"split": list(by_split), "rows": [len(r) for r in by_split.values()]}),
@@ -438,7 +476,7 @@ def render(plan: Plan) -> str:
     sft, pairs, ev = cfg.sft, cfg.pairs, cfg.eval
     trials = plan.trials
     lines = [
-        f"plan: {cfg.source} (model {cfg.model.name}: {plan.image_tokens} image tokens per image, "
+        f"plan: {cfg.source} (model {cfg.model.name}: {_image_tokens_text(plan.image_tokens)} per image, "
         f"context {plan.context}); trains nothing, starts no Ray",
         "",
         f"1. data: {plan.where}, data.bad_rows={cfg.data.bad_rows}",

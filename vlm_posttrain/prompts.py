@@ -2,17 +2,18 @@
 
 SFT, generation, self-judging, critic judging and DPO all render their text through this module, so the
 bytes the model is trained on are the bytes it is asked at inference (the study used another model
-family's template for DPO; a test renders one example through every path and compares).
+family's template for DPO; a test renders one example of each family through every path and compares).
 
-The policy template is LLaVA-1.5's (Vicuna v1) conversation form:
+The policy template is its family's (``vlm_posttrain.families``), set on the processor at load; LLaVA-1.5's
+is the Vicuna v1 conversation form defined here:
 ``<s>[system ]USER: <image>\\n{question} ASSISTANT: {answer}</s>USER: {question} ASSISTANT: ...``.
-Tokenization policy: the template writes every special token, BOS included, and every tokenizer call
-passes ``add_special_tokens=False`` (TRL's collators do), so each sequence starts with exactly one BOS, as
-llava-hf's own ``processor(text=...)`` gives; a template that is not ours (a critic's) gets its BOS from
-:func:`with_bos`.
+Tokenization policy: the template writes every special token, BOS included where the family has one, and
+every tokenizer call passes ``add_special_tokens=False`` (TRL's collators do), so a LLaVA-1.5 sequence
+starts with exactly one BOS, as llava-hf's own ``processor(text=...)`` gives, and a Qwen one with none; a
+template that is not ours (a critic's) gets its BOS from :func:`with_bos`.
 The assistant text sits inside ``{% generation %}`` markers so TRL's ``assistant_only_loss`` supervises
-every assistant turn and nothing else. The answer's leading space belongs to the answer, so the
-generation prompt ends in ``ASSISTANT:`` exactly as in training.
+every assistant turn, its end-of-turn token included, and nothing else. An answer's leading space (LLaVA-1.5)
+belongs to the answer, so the generation prompt ends in ``ASSISTANT:`` exactly as in training.
 """
 
 from __future__ import annotations
@@ -72,9 +73,12 @@ def split_prompt(messages: list[dict]) -> tuple[list[dict], list[dict]]:
 
 
 def render(processor, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    """The exact text the policy sees, through the processor's chat template (ours, set at load)."""
+    """The exact text the policy sees, through its family's training template (set on the processor at load)."""
+    from vlm_posttrain import families
+
+    template = families.of_processor(processor).chat_template
     return processor.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=LLAVA_15_TEMPLATE
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=template
     )
 
 
@@ -108,7 +112,7 @@ def with_final_answer(conversations: list[dict], answer: str) -> list[dict]:
 
 # ---- Preference rows in TRL's conversational vision format ---------------------------------------------
 # String contents: TRL's collators put one {"type": "image"} before the first user text, which renders
-# through LLAVA_15_TEMPLATE exactly as generation_prompt (a test compares the bytes and the tokens).
+# through the family's template exactly as generation_prompt (a test compares the bytes and the tokens).
 
 
 def preference_prompt(conversations: list[dict], system_prompt: str = "") -> list[dict]:
@@ -129,7 +133,7 @@ def preference_completion(answer: str) -> list[dict]:
 
 
 def completion_text(processor, prompt_messages: list[dict], answer: str) -> str:
-    """The text the template appends after the generation prompt for ``answer`` (" {answer}</s>" here)."""
+    """The text the template appends after the generation prompt for ``answer`` (LLaVA-1.5: " {answer}</s>")."""
     prompt = render(processor, prompt_messages, add_generation_prompt=True)
     full = render(processor, [*prompt_messages, {"role": "assistant", "content": answer}])
     if not full.startswith(prompt):

@@ -2,7 +2,7 @@
 
 Each Tune trial (``trainables/sft.py``) calls :func:`train_trial` with its own typed config, the SFT section at
 its grid point (``SftConfig.at``). Examples go to TRL as
-``{"images": [PIL], "messages": [...]}`` rendered by this project's LLaVA-1.5 template, with
+``{"images": [PIL], "messages": [...]}`` rendered by the model family's training template, with
 ``assistant_only_loss`` so every assistant turn, and nothing else, is supervised (the study's labels were
 never aligned with the prompt). Batches are padded to their longest example, not to a fixed length, and
 nothing is truncated: an example whose prompt would lose image tokens is skipped or fails by policy first.
@@ -23,36 +23,30 @@ from transformers import TrainerCallback
 from trl import SFTConfig as TrlSFTConfig
 from trl import SFTTrainer
 
-from vlm_posttrain import modeling, prompts, training
+from vlm_posttrain import families, modeling, prompts, training
 from vlm_posttrain.config import ModelConfig, SftConfig
 from vlm_posttrain.data import DataError, Rejects, decode_image, load_split
 
 
-def image_token_count(processor) -> int:
-    """How many tokens one ``<image>`` expands to for this processor (576 for LLaVA-1.5, 16 for tiny)."""
-    from PIL import Image
-
-    probe = processor(text=[prompts.IMAGE_TOKEN], images=[Image.new("RGB", (8, 8))], return_tensors="pt")
-    return int(
-        (probe["input_ids"][0] == processor.tokenizer.convert_tokens_to_ids(prompts.IMAGE_TOKEN)).sum()
-    )
-
-
-def token_length(processor, messages: list[dict], image_tokens: int) -> int:
+def token_length(processor, messages: list[dict], image_tokens: Sequence[int]) -> int:
+    """Tokens of the rendered conversation with each image's placeholder expanded to its ``image_tokens``
+    (:func:`families.image_tokens`: 576 per LLaVA-1.5 image; by the image's size for the other families)."""
     text = prompts.render(processor, messages)
-    return len(processor.tokenizer(text, add_special_tokens=False)["input_ids"]) + image_tokens - 1
+    return len(processor.tokenizer(text, add_special_tokens=False)["input_ids"]) + sum(
+        n - 1 for n in image_tokens
+    )
 
 
 def to_sft_dataset(
     df: pd.DataFrame, processor, max_length: int, bad_rows: str, system_prompt: str = ""
 ) -> tuple[datasets.Dataset, Rejects]:
     """TRL's vision-conversation rows; examples that would not fit ``max_length`` whole are counted out."""
-    image_tokens = image_token_count(processor)
     rejects = Rejects()
     records: list[dict[str, Any]] = []
     for row in df.itertuples(index=False):
         messages = prompts.to_messages(list(row.conversations), system_prompt)
-        n = token_length(processor, messages, image_tokens)
+        image = decode_image(row.image)
+        n = token_length(processor, messages, [families.image_tokens(processor, image)])
         if n > max_length:
             if bad_rows == "fail":
                 raise DataError(
@@ -61,7 +55,7 @@ def to_sft_dataset(
                 )
             rejects.add("too_long", row.example_id)
             continue
-        records.append({"images": [decode_image(row.image)], "messages": messages})
+        records.append({"images": [image], "messages": messages})
     if not records:
         raise DataError(f"no example fits sft.max_length={max_length}; raise it")
     return datasets.Dataset.from_list(records), rejects
@@ -102,7 +96,8 @@ def train_trial(
     val_df = load_split(data_dir, "val")
     val = to_sft_dataset(val_df, processor, sft.max_length, bad_rows)[0] if len(val_df) else None
     base = modeling.load_base(str(base_dir), model_cfg)
-    model = modeling.attach_lora(base, modeling.lora_config(sft, model_cfg.lora_target), seed)
+    lora = modeling.lora_config(sft, model_cfg.lora_target, families.of_processor(processor))
+    model = modeling.attach_lora(base, lora, seed)
     trainer = SFTTrainer(
         model=model,
         args=trainer_args(sft, out_dir, seed, model_cfg.compute_dtype, val is not None),

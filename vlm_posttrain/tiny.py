@@ -52,18 +52,23 @@ def _corpus() -> list[str]:
     return lines * 3
 
 
-def build_tokenizer(vocab_size: int = 600) -> PreTrainedTokenizerFast:
-    """A byte-level BPE with LLaVA's special tokens, left padding (for batched generation)."""
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+def _train_bpe(special_tokens: list[str], vocab_size: int, unk_token: str | None = None) -> Tokenizer:
+    tok = Tokenizer(models.BPE(unk_token=unk_token))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(_corpus(), trainer=trainer)
+    return tok
+
+
+def build_tokenizer(vocab_size: int = 600) -> PreTrainedTokenizerFast:
+    """A byte-level BPE with LLaVA's special tokens, left padding (for batched generation)."""
+    tok = _train_bpe(SPECIAL_TOKENS, vocab_size, unk_token="<unk>")
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<s>",
@@ -136,8 +141,10 @@ def build_tiny_llava(out_dir: str | Path, seed: int = 0) -> Path:
     return out
 
 
-def build_tiny_base(out_dir: str | Path, examples: int, epochs: float, seed: int) -> dict:
-    """The embedded default's "Base": the tiny LLaVA instruction-tuned on synthetic charts of other seeds.
+def build_tiny_base(
+    out_dir: str | Path, examples: int, epochs: float, seed: int, family: str = "llava"
+) -> dict:
+    """The embedded default's "Base": the family's tiny model instruction-tuned on synthetic charts of other seeds.
 
     The study's base (LLaVA-1.5-7B) was already post-trained; a random tiny model is not, so it is first
     fully fine-tuned on charts the experiment's own data never contains (seed offsets), in two phases:
@@ -159,7 +166,7 @@ def build_tiny_base(out_dir: str | Path, examples: int, epochs: float, seed: int
     parts = {"kind": examples, "summary": examples, "comparison": max(1, examples // 4)}
     with tempfile.TemporaryDirectory(prefix="tiny-base-") as tmp:
         tmp = Path(tmp)
-        raw = build_tiny_llava(tmp / "random", seed=seed)
+        raw = BUILDERS[family](tmp / "random", seed=seed)
         for offset, (family, limit) in enumerate(parts.items(), start=1):
             data_cfg = DataConfig(
                 source="synthetic",
@@ -176,12 +183,52 @@ def build_tiny_base(out_dir: str | Path, examples: int, epochs: float, seed: int
         return {**chat, "looking_loss": looking["pretrain_loss"]}
 
 
-def build_tiny_critic(out_dir: str | Path, seed: int = 0) -> Path:
-    """A tiny LLaVA-OneVision (SigLIP + Qwen2), the architecture of LLaVA-Critic-7B, saved like a checkpoint.
+def _image_only(cls):
+    # Without torchvision no video processor can be built: the same class minus that part (as the loader does).
+    attributes = [a for a in cls.get_attributes() if a != "video_processor"]
+    return type(cls.__name__, (cls,), {"get_attributes": classmethod(lambda _: list(attributes))})
 
-    Its processor ships no chat template, as a converted critic checkpoint may not: the critic prompts then
-    fall back to LLaVA-Critic's ChatML form (``prompts.CHATML_TEMPLATE``).
-    """
+
+CHATML_SPECIAL_TOKENS = {
+    "llava_onevision": ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"],
+    "qwen2_vl": [
+        "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+        "<|image_pad|>", "<|video_pad|>",
+    ],
+}  # fmt: skip
+
+
+def build_chatml_tokenizer(family: str, vocab_size: int = 600) -> PreTrainedTokenizerFast:
+    """The tiny BPE in a Qwen2 tokenizer's shape: ChatML specials, no BOS, EOS ``<|im_end|>``, left padding."""
+    from vlm_posttrain.families import FAMILIES
+
+    tok = _train_bpe(CHATML_SPECIAL_TOKENS[family], vocab_size)
+    image = FAMILIES[family].image_token
+    extra = {
+        "image_token": image,
+        "video_token": "<video>" if family == "llava_onevision" else "<|video_pad|>",
+    }
+    if family == "qwen2_vl":
+        extra |= {"vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        padding_side="left",
+        extra_special_tokens=extra,
+        chat_template=FAMILIES[family].chat_template,
+    )
+
+
+def _save(model, processor, tok, out_dir: str | Path) -> Path:
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+def _tiny_onevision(tok: PreTrainedTokenizerFast, chat_template: str | None, seed: int):
     from transformers import (
         LlavaOnevisionConfig,
         LlavaOnevisionForConditionalGeneration,
@@ -191,24 +238,17 @@ def build_tiny_critic(out_dir: str | Path, seed: int = 0) -> Path:
         SiglipVisionConfig,
     )
 
-    tok = build_tokenizer()
-    tok.chat_template = None
+    # anyres at 32 px tiles: a 2:1 chart becomes 2 tiles + the overview, a square one 1 + overview.
     grid = [[32, 32], [32, 64], [64, 32]]
     image_processor = LlavaOnevisionImageProcessorPil(
         size={"height": 32, "width": 32}, image_grid_pinpoints=grid
     )
-    # Without torchvision no video processor can be built: the same class minus that part (as the loader does).
-    attributes = ["image_processor", "tokenizer"]
-    image_only = type(
-        "LlavaOnevisionProcessor",
-        (LlavaOnevisionProcessor,),
-        {"get_attributes": classmethod(lambda _: attributes)},
-    )
-    processor = image_only(
+    processor = _image_only(LlavaOnevisionProcessor)(
         image_processor=image_processor,
         tokenizer=tok,
         num_image_tokens=16,
         vision_feature_select_strategy="full",
+        chat_template=chat_template,
     )
     vision = SiglipVisionConfig(
         hidden_size=32,
@@ -226,6 +266,7 @@ def build_tiny_critic(out_dir: str | Path, seed: int = 0) -> Path:
         num_key_value_heads=2,
         vocab_size=len(tok),
         max_position_embeddings=2048,
+        bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
@@ -234,17 +275,99 @@ def build_tiny_critic(out_dir: str | Path, seed: int = 0) -> Path:
         text_config=text,
         image_grid_pinpoints=grid,
         image_token_index=tok.convert_tokens_to_ids("<image>"),
-        video_token_index=tok.unk_token_id,
+        video_token_index=tok.convert_tokens_to_ids("<video>")
+        if "<video>" in tok.get_vocab()
+        else tok.unk_token_id,
         vision_feature_select_strategy="full",
         vision_feature_layer=-1,
     )
     torch.manual_seed(seed)
-    model = LlavaOnevisionForConditionalGeneration(config)
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    return Path(out_dir)
+    return LlavaOnevisionForConditionalGeneration(config), processor
+
+
+def build_tiny_onevision(out_dir: str | Path, seed: int = 0) -> Path:
+    """A tiny LLaVA-OneVision policy (SigLIP + Qwen2, anyres) with the family's tokenizer shape and template."""
+    tok = build_chatml_tokenizer("llava_onevision")
+    model, processor = _tiny_onevision(tok, tok.chat_template, seed)
+    return _save(model, processor, tok, out_dir)
+
+
+def build_tiny_qwen2_vl(out_dir: str | Path, seed: int = 0) -> Path:
+    """A tiny Qwen2.5-VL (its window-attention vision tower, M-RoPE, dynamic resolution) saved like a checkpoint.
+
+    Dynamic resolution at patch 8, merge 2 within 256..4096 pixels: a 64 x 64 chart is 16 image tokens, a
+    128 x 64 one (scaled down to fit) 10, a 40 x 90 one 12.
+    """
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessorPil,
+    )
+
+    tok = build_chatml_tokenizer("qwen2_vl")
+    image_processor = Qwen2VLImageProcessorPil(
+        min_pixels=16 * 16, max_pixels=64 * 64, patch_size=8, merge_size=2, temporal_patch_size=2
+    )
+    processor = _image_only(Qwen2_5_VLProcessor)(
+        image_processor=image_processor, tokenizer=tok, chat_template=tok.chat_template
+    )
+    ids = tok.convert_tokens_to_ids
+    config = Qwen2_5_VLConfig(
+        text_config={
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "vocab_size": len(tok),
+            "max_position_embeddings": 2048,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+            "bos_token_id": None,
+            "eos_token_id": tok.eos_token_id,
+            "pad_token_id": tok.pad_token_id,
+        },
+        vision_config={
+            "depth": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "out_hidden_size": 64,
+            "patch_size": 8,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "window_size": 32,
+            "fullatt_block_indexes": [1],
+        },
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+        bos_token_id=None,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    return _save(Qwen2_5_VLForConditionalGeneration(config), processor, tok, out_dir)
+
+
+BUILDERS = {
+    "llava": build_tiny_llava,
+    "llava_onevision": build_tiny_onevision,
+    "qwen2_vl": build_tiny_qwen2_vl,
+}
+
+
+def build_tiny_critic(out_dir: str | Path, seed: int = 0) -> Path:
+    """A tiny LLaVA-OneVision (SigLIP + Qwen2), the architecture of LLaVA-Critic-7B, saved like a checkpoint.
+
+    Its processor ships no chat template, as a converted critic checkpoint may not: the critic prompts then
+    fall back to LLaVA-Critic's ChatML form (``prompts.CHATML_TEMPLATE``).
+    """
+    tok = build_tokenizer()
+    tok.chat_template = None
+    model, processor = _tiny_onevision(tok, None, seed)
+    return _save(model, processor, tok, out_dir)
 
 
 def build_tiny_adapter(

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from vlm_posttrain import modeling, prompts
+from vlm_posttrain import families, modeling, prompts
 from vlm_posttrain.config import ModelConfig, PairsConfig
 from vlm_posttrain.reference import score_reference
 
@@ -225,6 +225,7 @@ class SelfJudge(PairwiseJudge):
         self.policy = policy
         self.tie_margin = tie_margin
         self.batch_size = batch_size
+        self.labels = families.of_processor(policy.processor).self_judge_labels
         shared, ids = label_tokens(policy.processor, self.labels)
         self.shared = torch.tensor(shared, dtype=torch.long)
         self.label_ids = dict(zip(self.labels, ids, strict=True))
@@ -242,6 +243,8 @@ class SelfJudge(PairwiseJudge):
             tail = self.shared.to(inputs["input_ids"].device).expand(len(texts), -1)
             inputs["input_ids"] = torch.cat([inputs["input_ids"], tail], dim=1)
             inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(tail)], dim=1)
+            for key in families.TOKEN_TYPE_KEYS & inputs.keys():  # the tail is text
+                inputs[key] = torch.cat([inputs[key], torch.zeros_like(tail)], dim=1)
         with torch.inference_mode():
             logits = self.policy.model(**inputs, logits_to_keep=1).logits[:, -1]
         return logits.float().log_softmax(-1).cpu()
