@@ -1,4 +1,5 @@
-"""Base-model driver: resolves ``model.name`` to a folder; for ``tiny`` builds the offline tiny LLaVA once.
+"""Base-model driver: resolves ``model.name`` to a folder; for ``tiny`` builds the offline tiny model once
+(of ``model.family``: LLaVA-1.5 by default, LLaVA-OneVision or Qwen2.5-VL).
 
 A hub id or local folder is used as it is. ``tiny`` is built from config, instruction-tuned on synthetic
 charts, and stored as a ``model-<hash>`` artifact, so every later run with the same settings reuses it.
@@ -30,7 +31,11 @@ def run(cfg: ExperimentConfig, store: RunStore) -> str:
         staging = store.staging("model", key)
         start = time.time()
         metrics = build_tiny_base(
-            staging, cfg.model.tiny_pretrain_examples, cfg.model.tiny_pretrain_epochs, cfg.run.seed
+            staging,
+            cfg.model.tiny_pretrain_examples,
+            cfg.model.tiny_pretrain_epochs,
+            cfg.run.seed,
+            cfg.model.family_name,
         )
         manifest = build_manifest(
             "model",
