@@ -112,6 +112,7 @@ def test_sft_supervises_the_answer_and_its_end_of_turn_only(processor):
 def test_images_become_the_processors_token_count(processor):
     family = families.of_processor(processor)
     counts = [families.image_tokens(processor, Image.new("RGB", s)) for s in SIZES]
+    assert counts == [families._expand_and_count(processor, s) for s in SIZES]
     if family.name != "llava":
         assert len(set(counts)) > 1, counts  # anyres / dynamic resolution: the size matters
     batch = sft_batch(processor, [ANSWER] * len(SIZES), SIZES)

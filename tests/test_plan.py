@@ -205,3 +205,44 @@ def test_study_plan_dpo_max_length_too_short(llava15_model, shared_data, tmp_pat
     assert "raise dpo.max_length to at least" in lines[0]
     assert not (tmp_path / "run").exists()
     assert "building" not in out.stdout + out.stderr
+
+
+# ---- every shipped study config, offline: the published checkpoint's config and image processor -----------
+
+STUDIES = {
+    "study.yaml": ("llava", {576}),
+    "study-llava-1.5-13b.yaml": ("llava", {576}),
+    "study-llava-onevision-7b.yaml": ("llava_onevision", None),
+    "study-qwen2.5-vl-7b.yaml": ("qwen2_vl", None),
+}
+
+
+@pytest.mark.parametrize("name", sorted(STUDIES))
+def test_each_shipped_study_config_plans_offline_with_its_familys_image_tokens(name, shared_data):
+    from vlm_posttrain import families
+    from vlm_posttrain.config import load_config
+    from vlm_posttrain.plan import build_plan, row_image_tokens
+
+    family, fixed = STUDIES[name]
+    cfg = load_config(
+        REPO / "configs" / name, ["data.source=jsonl", f"data.path={shared_data / 'lrv_chart_train'}"]
+    )
+    assert cfg.model.family_name == family
+    plan = build_plan(cfg)
+    low, _, high = plan.image_tokens
+    if fixed:
+        assert {low, high} == fixed
+    else:
+        assert low < high  # anyres / dynamic resolution: the chart's size sets its token count
+    assert not plan.problems, plan.problems
+    assert plan.sft_too_long == 0, "the shipped config must fit every LRV chart whole"
+    assert "fit" in plan.packing or "per 80 GB card" in plan.packing
+    # The counts are the family's processor's: a chart of each extreme, through the stand-in processor.
+    from vlm_posttrain.published import stand_in_processor
+
+    processor = stand_in_processor(cfg.model.name)
+    assert families.of_processor(processor).name == family
+    from vlm_posttrain.data import split_rows
+
+    rows = split_rows(cfg.data, cfg.run.seed, "lrv")[0]["train"][:20]
+    assert set(row_image_tokens(processor, rows).values()) <= set(range(low, high + 1))

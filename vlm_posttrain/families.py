@@ -197,11 +197,19 @@ def image_tokens(processor, image) -> int:
     Depends only on the image's size for every family here, so it is cached by size on the processor.
     """
     cache = processor.__dict__.setdefault("_image_tokens_by_size", {})
-    size = tuple(image.size)
-    if size not in cache:
-        from PIL import Image
+    width, height = image.size
+    if (width, height) not in cache:
+        # The processor's own count (what vLLM asks it), without resizing any pixels; else expand and count.
+        counter = getattr(processor, "_get_num_multimodal_tokens", None)
+        counted = counter(image_sizes=[(height, width)]) if counter else None
+        tokens = getattr(counted, "num_image_tokens", None)
+        cache[(width, height)] = int(tokens[0]) if tokens else _expand_and_count(processor, (width, height))
+    return cache[(width, height)]
 
-        token = processor.image_token
-        probe = processor(text=[token], images=[Image.new("RGB", size)], return_tensors="np")
-        cache[size] = int((probe["input_ids"][0] == processor.tokenizer.convert_tokens_to_ids(token)).sum())
-    return cache[size]
+
+def _expand_and_count(processor, size: tuple[int, int]) -> int:
+    from PIL import Image
+
+    token = processor.image_token
+    probe = processor(text=[token], images=[Image.new("RGB", size)], return_tensors="np")
+    return int((probe["input_ids"][0] == processor.tokenizer.convert_tokens_to_ids(token)).sum())

@@ -109,6 +109,12 @@ def published_config(size: Literal["7b", "13b"]) -> LlavaConfig:
     return LlavaConfig(**data)
 
 
+def shared_gguf() -> Path | None:
+    """The Llama-2 vocabulary in ../shared/data/tokenizers beside the checkout, where there is one."""
+    path = Path(__file__).resolve().parents[2] / "shared" / "data" / "tokenizers" / GGUF_FILE
+    return path if path.is_file() else None
+
+
 def build_tokenizer(gguf_path: str | Path, pipeline: Pipeline = "legacy"):
     """The Llama-2 tokenizer as llava-hf ships it, with the pre-tokenization ``pipeline`` chosen."""
     if pipeline not in PIPELINES:

@@ -44,6 +44,7 @@ This module imports neither ray nor a model: it reads shapes from the config.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -86,10 +87,15 @@ class Shape:
     v_image: int
     v_heads: int
 
-    @property
-    def image_tokens(self) -> int:
-        """Tokens one image becomes in the language model ('default' strategy drops CLS): 576 for LLaVA-1.5."""
-        return (self.v_image // self.v_patch) ** 2
+    # Tokens one image becomes in the language model at most: 576 for LLaVA-1.5 ('default' drops CLS); for
+    # LLaVA-OneVision its anyres tiles (up to 10 of 729); for Qwen2-VL its max_pixels. The estimate caps it at
+    # the sequence length (no kept example has more image tokens than sft.max_length).
+    image_tokens: int
+    # Vision-tower tokens per language-model image token (Qwen2-VL merges 2 x 2 patches into one).
+    v_merge_tokens: int = 1
+
+    def vision_tokens(self, image_tokens: int) -> int:
+        return image_tokens * self.v_merge_tokens + 1
 
     def linear_dims(self) -> dict[str, tuple[int, int]]:
         """(in, out) features of each projection in one decoder layer."""
@@ -121,6 +127,14 @@ def model_shape(model_config: Any) -> Shape:
     cfg = _as_config(model_config)
     text, vision = cfg.text_config, cfg.vision_config
     heads = text.num_attention_heads
+    # Qwen2-VL's tower names its sizes differently and has no fixed input size.
+    v_image = getattr(vision, "image_size", 0) or 0
+    merge = getattr(vision, "spatial_merge_size", 1) or 1
+    if v_image:
+        tiles = 10 if str(getattr(cfg, "vision_aspect_ratio", "")).startswith("anyres") else 1
+        image_tokens = tiles * (v_image // vision.patch_size) ** 2
+    else:
+        image_tokens = 12845056 // (vision.patch_size * merge) ** 2  # Qwen2-VL's default max_pixels
     return Shape(
         hidden=text.hidden_size,
         intermediate=text.intermediate_size,
@@ -132,11 +146,13 @@ def model_shape(model_config: Any) -> Shape:
         tied=bool(getattr(text, "tie_word_embeddings", False) or getattr(cfg, "tie_word_embeddings", False)),
         v_hidden=vision.hidden_size,
         v_intermediate=vision.intermediate_size,
-        v_layers=vision.num_hidden_layers,
-        v_channels=getattr(vision, "num_channels", 3),
+        v_layers=getattr(vision, "num_hidden_layers", None) or vision.depth,
+        v_channels=getattr(vision, "num_channels", None) or getattr(vision, "in_channels", 3),
         v_patch=vision.patch_size,
-        v_image=vision.image_size,
-        v_heads=vision.num_attention_heads,
+        v_image=v_image,
+        v_heads=getattr(vision, "num_attention_heads", None) or vision.num_heads,
+        image_tokens=image_tokens,
+        v_merge_tokens=merge**2,
     )
 
 
@@ -146,7 +162,7 @@ def param_counts(shape: Shape) -> dict[str, int]:
     layer_linear = sum(a * b for a, b in shape.linear_dims().values())
     embed = shape.vocab * h
     lm_rest = embed * (1 if shape.tied else 2) + shape.layers * 2 * h + h  # embeddings, head, norms
-    patches = (shape.v_image // shape.v_patch) ** 2
+    patches = (shape.v_image // shape.v_patch) ** 2 if shape.v_image else 0  # Qwen2-VL: rotary, no table
     v_layer = 4 * (vh * vh + vh) + 2 * vh * vi + vi + vh + 4 * vh  # attention, MLP, two LayerNorms
     vision = shape.v_channels * shape.v_patch**2 * vh + vh + (patches + 1) * vh + 4 * vh
     vision += shape.v_layers * v_layer
@@ -225,7 +241,7 @@ def _vision_saved_per_image(shape: Shape, d: _Dtypes, checkpointing: bool) -> fl
     it trains: TRL (with activation checkpointing) and PEFT (on a non-quantized base) call transformers'
     ``enable_input_require_grads``, which in transformers 5 also hooks the vision tower's embeddings."""
     vh, vi = shape.v_hidden, shape.v_intermediate
-    tokens = shape.image_tokens + 1
+    tokens = shape.vision_tokens(shape.image_tokens)
     ln = 4 if d.autocast else d.res  # autocast runs LayerNorm in fp32
     if checkpointing:
         layer = vh * d.res  # each checkpointed encoder layer keeps its input only
@@ -256,6 +272,7 @@ def estimate_trial_memory(
     from vlm_posttrain.config import LORA_LANGUAGE_TARGET
 
     shape = model_shape(model_config)
+    shape = dataclasses.replace(shape, image_tokens=min(shape.image_tokens, seq_len))
     params = param_counts(shape)
     cuda = device == "cuda"
     d = _Dtypes.of(load_in_4bit, compute_dtype, cuda)
@@ -312,7 +329,7 @@ def _transient_bytes(
     if not cuda:
         # Without Triton the tile is folded by torch ops: about six fp32 tile-sized temporaries at once.
         lm_head += 6 * rows * min(shape.vocab, LM_HEAD_VOCAB_CHUNK) * 4
-    vision = (shape.v_layers + 1) * batch * (shape.image_tokens + 1) * shape.v_hidden * d.res
+    vision = (shape.v_layers + 1) * batch * shape.vision_tokens(shape.image_tokens) * shape.v_hidden * d.res
     backward = recompute + tokens * (3 * i + 4 * h) * d.res
     return max(lm_head, vision, backward)
 

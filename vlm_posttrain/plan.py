@@ -116,7 +116,14 @@ def load_model_inputs(cfg: ExperimentConfig) -> tuple[Any, Any]:
                 folder = str(BUILDERS[cfg.model.family_name](tmp))
                 return load_processor(folder), AutoConfig.from_pretrained(folder)
 
+        from vlm_posttrain import families
+        from vlm_posttrain.published import PUBLISHED, stand_in_processor
+
         trust = cfg.model.trust_remote_code
+        if cfg.model.name in PUBLISHED and families.model_type_of(cfg.model.name) is None:
+            # Not on disk and no hub: the checkpoint's config and image processor as published.
+            published = PUBLISHED[cfg.model.name]
+            return stand_in_processor(cfg.model.name), published.config()
         processor = load_processor(cfg.model.name, trust)
         return processor, AutoConfig.from_pretrained(cfg.model.name, trust_remote_code=trust)
 
@@ -310,9 +317,14 @@ def build_plan(cfg: ExperimentConfig) -> Plan:
         from vlm_posttrain.sft import token_length
     per_row = row_image_tokens(processor, [r for rows in by_split.values() for r in rows])
     counts = sorted(per_row.values())
+    notes: list[str] = []
+    if not getattr(processor, "text_tokens_exact", True):
+        notes.append(
+            f"model '{cfg.model.name}' is not on disk: its published config and image processor are used (image "
+            "tokens exact); text tokens are counted with a stand-in tokenizer, so lengths are approximate"
+        )
     context = _context(model_config)
     problems: list[str] = []
-    notes: list[str] = []
 
     # SFT: every train and val example, whole, as the SFT stage filters them.
     sft_len = {

@@ -166,3 +166,32 @@ PUBLISHED: dict[str, Published] = {
         "qwen2_5_vl", _config("qwen2_5_vl", _QWEN2_5_VL_7B), _qwen2_5_vl_image_processor, {}
     ),
 }
+
+
+def stand_in_processor(model_id: str):
+    """The published checkpoint's processor, rebuilt offline: its image processor and processor arguments, so
+    image-token counts are exact; the tokenizer is the real Llama-2 one for LLaVA-1.5 where ../shared has it,
+    else the tiny BPE in the family's shape (``text_tokens_exact`` False: text lengths are approximate)."""
+    import transformers
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+
+    from vlm_posttrain import families, tiny
+
+    published = PUBLISHED[model_id]
+    family = families.by_model_type(published.model_type, model_id)
+    gguf = llava15.shared_gguf()
+    if family.name == "llava" and gguf is not None:
+        tokenizer, exact = llava15.build_tokenizer(gguf), True
+    elif family.name == "llava":
+        tokenizer, exact = tiny.build_tokenizer(), False
+    else:
+        tokenizer, exact = tiny.build_chatml_tokenizer(family.name), False
+    cls = getattr(transformers, PROCESSOR_MAPPING_NAMES[published.model_type])
+    processor = tiny.image_only(cls)(
+        image_processor=published.image_processor(),
+        tokenizer=tokenizer,
+        chat_template=family.chat_template,
+        **published.processor_kwargs,
+    )
+    processor.text_tokens_exact = exact
+    return processor

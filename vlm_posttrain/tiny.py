@@ -183,7 +183,7 @@ def build_tiny_base(
         return {**chat, "looking_loss": looking["pretrain_loss"]}
 
 
-def _image_only(cls):
+def image_only(cls):
     # Without torchvision no video processor can be built: the same class minus that part (as the loader does).
     attributes = [a for a in cls.get_attributes() if a != "video_processor"]
     return type(cls.__name__, (cls,), {"get_attributes": classmethod(lambda _: list(attributes))})
@@ -243,7 +243,7 @@ def _tiny_onevision(tok: PreTrainedTokenizerFast, chat_template: str | None, see
     image_processor = LlavaOnevisionImageProcessorPil(
         size={"height": 32, "width": 32}, image_grid_pinpoints=grid
     )
-    processor = _image_only(LlavaOnevisionProcessor)(
+    processor = image_only(LlavaOnevisionProcessor)(
         image_processor=image_processor,
         tokenizer=tok,
         num_image_tokens=16,
@@ -309,7 +309,7 @@ def build_tiny_qwen2_vl(out_dir: str | Path, seed: int = 0) -> Path:
     image_processor = Qwen2VLImageProcessorPil(
         min_pixels=16 * 16, max_pixels=64 * 64, patch_size=8, merge_size=2, temporal_patch_size=2
     )
-    processor = _image_only(Qwen2_5_VLProcessor)(
+    processor = image_only(Qwen2_5_VLProcessor)(
         image_processor=image_processor, tokenizer=tok, chat_template=tok.chat_template
     )
     ids = tok.convert_tokens_to_ids
