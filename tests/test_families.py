@@ -12,6 +12,7 @@ architecture fails at config load in one line.
 from __future__ import annotations
 
 import io
+import math
 
 import pandas as pd
 import pytest
@@ -209,3 +210,88 @@ def test_a_family_that_contradicts_the_checkpoint_fails_at_load(tmp_path, family
     )
     with pytest.raises(ConfigError, match=f"model.family: '{other}' but model"):
         load_config(cfg)
+
+
+def test_4bit_quantizes_the_language_model_only(family_dir):
+    import bitsandbytes as bnb
+
+    folder = family_dir[1]
+    model = modeling.load_base(str(folder), ModelConfig(name=str(folder), load_in_4bit=True))
+    quantized = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert quantized and all(n.startswith("model.language_model.") for n in quantized)
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in model.lm_head.modules())
+
+
+def test_lora_hits_the_language_model_and_train_projector_trains_the_familys_projector(family_dir):
+    from vlm_posttrain.config import SftConfig
+
+    folder = family_dir[1]
+    cfg = ModelConfig(name=str(folder))
+    family = families.detect(str(folder))
+    sft = SftConfig(lora_r=4, lora_alpha=8, train_projector=True)
+    model = modeling.attach_lora(
+        modeling.load_base(str(folder), cfg), modeling.lora_config(sft, cfg.lora_target, family), 0
+    )
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    lora = [n for n in trainable if "lora_" in n]
+    projector = [n for n in trainable if "lora_" not in n]
+    assert lora and all(".language_model." in n for n in lora)
+    assert projector and all(f".{family.projector}." in n for n in projector)
+    assert not any(f".{family.vision_tower}." in n and family.projector not in n for n in trainable)
+
+
+def test_a_qlora_trial_changes_every_adapter_matrix(family_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from vlm_posttrain.config import SftConfig
+    from vlm_posttrain.sft import train_trial
+
+    folder = family_dir[1]
+    data = tmp_path / "data"
+    data.mkdir()
+    for split, n in (("train", 8), ("val", 2)):
+        rows = [
+            {
+                "example_id": f"{split}{i}",
+                "image": png(SIZES[i % 3]),
+                "conversations": conversation(f"{i} apples"),
+            }
+            for i in range(n)
+        ]
+        pd.DataFrame(rows).to_parquet(data / f"{split}.parquet")
+    cfg = ModelConfig(name=str(folder), load_in_4bit=True)
+    sft = SftConfig(
+        learning_rate=1e-2, lora_r=4, lora_alpha=8, lora_dropout=0.0, batch_size=4, logging_steps=1
+    )
+    metrics = train_trial(sft, cfg, folder, data, tmp_path / "out", 0)
+    assert metrics["train_examples"] == 8 and metrics["eval_loss"] > 0
+    (checkpoint,) = (tmp_path / "out").glob("checkpoint-*")
+    trained = load_file(checkpoint / "adapter_model.safetensors")
+    lora_b = [t for n, t in trained.items() if "lora_B" in n]
+    assert lora_b and all(t.abs().sum() > 0 for t in lora_b)  # B starts at zero: every one has moved
+
+
+def test_self_judge_reads_each_familys_label_tokens_in_mixed_size_batches(family_dir, processor):
+    from vlm_posttrain.pairs.judges import PairTask, SelfJudge
+
+    folder = family_dir[1]
+    model = modeling.load_base(str(folder), ModelConfig(name=str(folder))).eval()
+    judge = SelfJudge(Generator(model, processor), tie_margin=0.0, batch_size=4)
+    assert judge.labels == families.of_processor(processor).self_judge_labels
+    tasks = [
+        PairTask(Image.new("RGB", s, (40 * i, 80, 120)), "What is the value?", "12", "7", key=f"k{i}")
+        for i, s in enumerate(SIZES)
+    ]
+    verdicts = judge.judge_pairs(tasks)
+    # Each showing's margin is log p(label 1) - log p(label 2) read in a batch of mixed image sizes: the same
+    # as each prompt scored alone.
+    text = prompts.self_judge_prompt(processor, "What is the value?", "12", "7", judge.labels)
+    alone = judge.label_logprobs([tasks[1].image], [text])[0]
+    batch = judge.label_logprobs([t.image for t in tasks], [text] * len(tasks))[1]
+    ids = [judge.label_ids[label] for label in judge.labels]
+    torch.testing.assert_close(batch[ids], alone[ids], rtol=1e-4, atol=1e-4)
+    for (
+        verdict
+    ) in verdicts:  # both orders shown, each with a read margin and the labels swapped with the order
+        first, second = verdict.presentations
+        assert first.a_first != second.a_first and not any(math.isnan(p.margin) for p in (first, second))
