@@ -246,3 +246,18 @@ def test_each_shipped_study_config_plans_offline_with_its_familys_image_tokens(n
 
     rows = split_rows(cfg.data, cfg.run.seed, "lrv")[0]["train"][:20]
     assert set(row_image_tokens(processor, rows).values()) <= set(range(low, high + 1))
+
+
+def test_onevision_at_llava_15s_max_length_would_skip_every_chart(shared_data):
+    """anyres makes an LRV chart 2,819-8,686 tokens: LLaVA-1.5's 2048 fits none, and the plan says so."""
+    from vlm_posttrain.config import load_config
+    from vlm_posttrain.plan import build_plan
+
+    cfg = load_config(
+        REPO / "configs" / "study-llava-onevision-7b.yaml",
+        ["data.source=jsonl", f"data.path={shared_data / 'lrv_chart_train'}", "sft.max_length=2048"],
+    )
+    plan = build_plan(cfg)
+    (problem,) = [p for p in plan.problems if p.startswith("sft.max_length=2048: no train example fits")]
+    assert problem.endswith(f"raise sft.max_length to at least {plan.sft_max}")  # the longest train example
+    assert plan.kept_train == 0
