@@ -19,6 +19,7 @@ steps, and the generation work of the pairs and eval stages (``vlm_posttrain.pla
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 from ray_jobs import data as data_job
@@ -85,6 +86,10 @@ def run(cfg: ExperimentConfig, store: RunStore, until: str = "report") -> Built:
     built.eval = eval_job.run(cfg, store, built.model, built.data, variants)
     if until == "report":
         built.report = report_job.run(cfg, store)
+        if cfg.tracking.backend == "mlflow":
+            from analysis.tracking import log_results
+
+            print(f"[tracking] results logged to MLflow run {log_results(cfg, store.root)}", file=sys.stderr)
     return built
 
 

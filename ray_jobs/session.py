@@ -150,9 +150,31 @@ def tuner(
             storage_path=store.tune_storage(stage_name),
             failure_config=tune.FailureConfig(max_failures=cfg.resources.max_failures),
             checkpoint_config=checkpoint_config,
+            callbacks=tracking_callbacks(cfg, stage_name, key, store),
             verbose=1,
         ),
     )
+
+
+def tracking_callbacks(cfg: ExperimentConfig, stage_name: str, key: str, store: RunStore) -> list:
+    """Ray Tune's MLflow logger for a stage's trials when ``tracking.backend`` is mlflow: one MLflow run per
+    trial (params: the trial's config; metrics: every reported step), tagged with the run root and artifact."""
+    if cfg.tracking.backend != "mlflow":
+        return []
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+    from analysis.tracking import TAG_ARTIFACT, TAG_ROOT, TAG_STAGE, experiment_name
+
+    tags = {
+        TAG_ROOT: str(store.root),
+        TAG_STAGE: stage_name,
+        TAG_ARTIFACT: store.artifact_id(stage_name, key),
+    }
+    return [
+        MLflowLoggerCallback(
+            tracking_uri=cfg.tracking.tracking_uri, experiment_name=experiment_name(cfg), tags=tags
+        )
+    ]
 
 
 def actor_options(p: PairsConfig | EvalConfig) -> dict:

@@ -55,6 +55,13 @@ def _write(tmp_path, data) -> Path:
         ({"eval": {"system_prompts": ["", 3]}}, "eval.system_prompts: expected a list of str"),
         ({"sft": {"grid": {"lora_alpha": [16, "eight"]}}}, "sft.grid.lora_alpha: expected int values"),
         ({"sft": {"grid": {"lora_dropout": [0.05, 1.5]}}}, "sft.grid.lora_dropout: must be in [0, 1)"),
+        ({"tracking": {"backend": "mlflow"}}, "tracking.tracking_uri: backend mlflow needs a tracking URI"),
+        # Credentials belong in the environment, never in a config a manifest or a dashboard may show.
+        (
+            {"tracking": {"backend": "mlflow", "tracking_uri": "https://me:s3cret@mlflow.lab:5000"}},
+            "tracking.tracking_uri: holds credentials; remove them and set MLFLOW_TRACKING_USERNAME",
+        ),
+        ({"model": {"family": "mllama"}}, "model.family: expected one of ''"),
     ],
 )
 def test_bad_values_name_file_and_key(tmp_path, change, needle):

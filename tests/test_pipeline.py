@@ -18,9 +18,13 @@ def _manifest(path: str) -> dict:
 
 @pytest.mark.slow
 def test_pipeline_runs_two_dpo_rounds_each_from_the_newest_policy(
-    tiny_model_dir, tiny_config, tmp_path, local_ray, capsys
+    tiny_model_dir, tiny_config, tmp_path, local_ray, capsys, monkeypatch
 ):
     from ray_jobs import pipeline
+
+    # MLflow tracking on a local file store (MLflow 3 wants the opt-in for one).
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    tracking_uri = f"file://{tmp_path / 'mlruns'}"
 
     cfg = tiny_config(
         model={"name": str(tiny_model_dir)},
@@ -29,6 +33,7 @@ def test_pipeline_runs_two_dpo_rounds_each_from_the_newest_policy(
         pairs={"k": 3, "max_new_tokens": 8, "batch_size": 16},
         dpo={"rounds": 2, "epochs": 1, "batch_size": 1, "warmup_ratio": 0.0, "holdout_fraction": 0.0},
         eval={"limit": 4, "max_new_tokens": 6, "batch_size": 16},
+        tracking={"backend": "mlflow", "tracking_uri": tracking_uri, "experiment": "pipeline-test"},
     )
     config = str(tmp_path / "config.yaml")  # what tiny_config wrote and loaded
     pipeline.main([config])
@@ -57,8 +62,51 @@ def test_pipeline_runs_two_dpo_rounds_each_from_the_newest_policy(
     (report,) = root.glob("report/report-*/report.md")
     assert "dpo/round2" in report.read_text()
 
+    tracked = _tracked(tracking_uri, "pipeline-test")
+    check_tracking(tracked, root)
+
     pipeline.main([config])
+    assert len(_tracked(tracking_uri, "pipeline-test")) == len(tracked)  # nothing logged twice
     err = capsys.readouterr().err
     assert (
         "building" not in err and err.count("already complete, skipped") == 9
     )  # model is a folder: no stage
+
+
+def _tracked(tracking_uri: str, experiment: str) -> pd.DataFrame:
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    return mlflow.search_runs(experiment_names=[experiment])
+
+
+def check_tracking(runs: pd.DataFrame, root: Path) -> None:
+    """The SFT trial and both DPO rounds as MLflow runs (params: the trial config; the final eval_loss), and one
+    results run whose eval means are the report's, tagged back to the run root and the artifacts."""
+    from analysis.run import load_run
+
+    stage = runs["tags.vlm_posttrain.stage"]
+    assert (runs["tags.vlm_posttrain.run_root"] == str(root.resolve())).all()
+    (sft,) = runs[stage == "sft"].to_dict("records")
+    trials = load_run(root).trials
+    assert float(sft["params.lora_alpha"]) == trials["config/lora_alpha"].iloc[0]
+    assert float(sft["params.learning_rate"]) == trials["config/learning_rate"].iloc[0]
+    assert sft["metrics.eval_loss"] == trials["eval_loss"].iloc[0]
+    (artifact,) = root.glob("sft/sft-*")
+    assert sft["tags.vlm_posttrain.artifact"] == artifact.name
+    assert len(runs[stage == "dpo"]) == 2 and runs.loc[stage == "dpo", "metrics.loss"].notna().all()
+    (results,) = runs[stage == "results"].to_dict("records")
+    (eval_dir,) = root.glob("eval/eval-*")
+    means = _manifest(str(eval_dir))["metrics"]["mean_scores"]["reference/score"]
+    for variant, mean in means.items():
+        assert results[f"metrics.eval.reference.{variant}.mean"] == pytest.approx(mean, abs=1e-3)
+        assert (
+            results[f"metrics.eval.reference.{variant}.ci_lo"]
+            <= mean
+            <= results[f"metrics.eval.reference.{variant}.ci_hi"]
+        )
+    assert results["metrics.soup.self_check_passed"] == 1.0
+    assert results["tags.vlm_posttrain.artifact.eval"] == eval_dir.name
+    assert results["params.model.name"] == str(Path(_manifest(str(eval_dir))["inputs"]["model"]))
+    logged = Path(results["artifact_uri"].removeprefix("file://")) / "report"
+    assert (logged / "report.md").is_file()

@@ -423,6 +423,35 @@ class ResourcesConfig:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    # "mlflow": the SFT and DPO trials through Ray Tune's MLflowLoggerCallback, and the run's results (every
+    # stage's metrics, every eval variant's mean and interval, the report) once per run. Off by default.
+    backend: Literal["none", "mlflow"] = "none"
+    # An MLflow tracking server (http://host:5000), or a local store (file:///path/mlruns needs
+    # MLFLOW_ALLOW_FILE_STORE=true). Credentials come from the environment (MLFLOW_TRACKING_TOKEN, ...), never here.
+    tracking_uri: str = ""
+    # The MLflow experiment; "" is run.name.
+    experiment: str = ""
+
+    def validate(self) -> None:
+        if self.backend == "mlflow" and not self.tracking_uri:
+            raise ValueError(
+                "tracking_uri: backend mlflow needs a tracking URI (http://host:5000, file:///path)"
+            )
+        if self.backend == "mlflow":
+            import importlib.util
+
+            if importlib.util.find_spec("mlflow") is None:
+                raise ValueError("backend: mlflow needs the MLflow client; pip install mlflow-skinny")
+        netloc = self.tracking_uri.split("://", 1)[-1].split("/", 1)[0]
+        if "@" in netloc:
+            raise ValueError(
+                "tracking_uri: holds credentials; remove them and set MLFLOW_TRACKING_USERNAME/PASSWORD or "
+                "MLFLOW_TRACKING_TOKEN in the environment"
+            )
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     run: RunConfig
     model: ModelConfig
@@ -433,6 +462,7 @@ class ExperimentConfig:
     dpo: DpoConfig = field(default_factory=DpoConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     # The file this config was loaded from; set by load_config, never read from YAML.
     source: str = field(default="", metadata={"internal": True})
 
