@@ -43,6 +43,20 @@ def model_of(run: RunTables) -> str:
     return model[len(root) + 1 :] if model.startswith(root + "/") else model
 
 
+def family_of(run: RunTables, model: str) -> str:
+    """The model's family (``vlm_posttrain.families``): from its folder's config.json, a run's tiny model
+    inside the root, or a published checkpoint's id; "unknown" where none tells."""
+    from vlm_posttrain import families
+
+    folder = (
+        run.root / model if not Path(model).is_absolute() and (run.root / model).is_dir() else Path(model)
+    )
+    try:
+        return families.detect(str(folder) if folder.is_dir() else model).name
+    except ValueError:
+        return "unknown"
+
+
 def _named(roots: Sequence[str | Path]) -> list[tuple[str, RunTables]]:
     names = [Path(r).name for r in roots]
     if len(set(names)) < len(names):
@@ -81,6 +95,7 @@ def gains(roots: Sequence[str | Path], score_col: str = SCORE, seed: int = 0) ->
                 f"run root '{run.root}': no eval table with {score_col}; run the eval stage first"
             )
         stages, model = _stages(run), model_of(run)
+        family = family_of(run, model)
         table = compare_variants(run.eval, score_col, baseline=BASE, others=list(stages.values()), seed=seed)
         by_variant = table.set_index("variant")
         for stage, variant in stages.items():
@@ -89,6 +104,7 @@ def gains(roots: Sequence[str | Path], score_col: str = SCORE, seed: int = 0) ->
                 {
                     "run": name,
                     "model": model,
+                    "family": family,
                     "stage": stage,
                     "variant": variant,
                     "n_pairs": int(r["n_pairs"]),

@@ -106,6 +106,7 @@ def test_the_cross_run_report_puts_each_family_beside_the_other(tmp_path):
     roots = [str(ROOTS[f]) for f in FAMILIES]
     gains = compare.gains(roots)
     assert set(gains["run"]) == {f"tiny-{f}" for f in FAMILIES}
+    assert dict(zip(gains["run"], gains["family"], strict=True)) == {f"tiny-{f}": f for f in FAMILIES}
     assert {"soup/delta_mean", "dpo/round1"} <= set(gains["variant"])
     assert gains.groupby("run")["variant"].nunique().min() >= 3  # SFT, soup and DPO for each family
     compare.main([*roots, "--out", str(tmp_path / "cmp")])

@@ -36,6 +36,7 @@ from transformers import (
 )
 
 from vlm_posttrain.prompts import LLAVA_15_TEMPLATE
+from vlm_posttrain.published import CLIP_MEAN, CLIP_STD
 
 Pipeline = Literal["legacy", "metaspace"]
 PIPELINES: tuple[Pipeline, ...] = ("legacy", "metaspace")
@@ -46,8 +47,6 @@ VOCAB_ROWS = 32064  # llava-hf pads the embedding to a multiple of 64
 IMAGE_SIZE = 336
 PATCH = 14
 IMAGE_SEQ_LENGTH = (IMAGE_SIZE // PATCH) ** 2  # 576
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
 # Source: llava-hf/llava-1.5-7b-hf and llava-hf/llava-1.5-13b-hf, config.json, with the transformers defaults

@@ -34,6 +34,11 @@ AdamW, bf16 autocast on CUDA:
 - ``runtime``: per process on CUDA, the context, cuBLAS workspace and allocator slack that
   ``torch.cuda.max_memory_allocated`` does not see (an assumption: 0.75 GiB).
 
+Other families (``vlm_posttrain.families``): an image's language-model tokens are at most LLaVA-OneVision's
+10 anyres tiles of 729 or Qwen2-VL's max_pixels / (14 x 2)^2, capped at the sequence length (no kept example
+has more), and a Qwen2-VL image runs 4 vision-tower tokens per language-model token (2 x 2 merge). The vision
+towers are counted as CLIP-like (Qwen2.5-VL's gated MLP makes its tower ~0.17B parameters larger).
+
 For LLaVA-1.5-7B in 4-bit, r=16, batch 4 x 2048 tokens (the study's worst case): weights 5.7 GB, adapters
 0.3, activations 4.9, transient 4.1, runtime 0.8: 15.8 GB; 89 GB without checkpointing.
 

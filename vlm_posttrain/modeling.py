@@ -8,6 +8,7 @@ PEFT's name lists also hit the vision tower). The processor always gets its fami
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -166,6 +167,14 @@ def load_adapter(base, adapter_dir: str | Path, trainable: bool = False, name: s
     return PeftModel.from_pretrained(base, str(adapter_dir), adapter_name=name, is_trainable=trainable)
 
 
+@functools.cache
+def image_only(cls):
+    """``cls`` (a processor class) without its video processor, which transformers builds only with torchvision
+    (huggingface/transformers#43986), absent on these CPU machines; one class per processor class."""
+    attributes = [a for a in cls.get_attributes() if a != "video_processor"]
+    return type(cls.__name__, (cls,), {"get_attributes": classmethod(lambda _: list(attributes))})
+
+
 def load_any_processor(path: str, trust_remote_code: bool = False):
     """``AutoProcessor``, or without torchvision, the same processor class minus its video processor.
 
@@ -182,9 +191,7 @@ def load_any_processor(path: str, trust_remote_code: bool = False):
         if is_torchvision_available():
             raise
         cls = PROCESSOR_MAPPING[type(AutoConfig.from_pretrained(path))]
-        attributes = [a for a in cls.get_attributes() if a != "video_processor"]
-        image_only = type(cls.__name__, (cls,), {"get_attributes": classmethod(lambda _: list(attributes))})
-        processor = image_only.from_pretrained(path)
+        processor = image_only(cls).from_pretrained(path)
     processor.tokenizer.padding_side = "left"
     return processor
 

@@ -3,11 +3,13 @@
     python -m ray_jobs.pipeline configs/study.yaml --plan [key.path=value ...]
 
 Trains nothing, starts no Ray, needs no GPU and writes nothing. It loads the config, the processor and the
-model's config (no weights; ``tiny`` is built in memory, deterministically, as the model stage would) and
+model's config (no weights; ``tiny`` is built in memory, deterministically, as the model stage would; a
+published checkpoint not on disk from ``vlm_posttrain.published``, image tokens exact, text tokens counted with
+a stand-in tokenizer except LLaVA-1.5's real one) and
 reads and splits the data with the data stage's own checks, then reports:
 
 1. rows per split, and the rows the data stage would skip, counted by reason;
-2. token lengths (min, p50, p90, p99, max; image tokens and the template's BOS included) against each
+2. token lengths (min, p50, p90, p99, max; each image's own token count and the template's BOS included) against each
    stage's limit: SFT examples (train and val, whole conversations) vs ``sft.max_length``, with the ones
    ``data.bad_rows: skip`` would drop; DPO prompts (the pairs stage's first ``pairs.limit`` train rows) and
    prompt + the longest answer it can sample (``pairs.max_new_tokens`` + EOS) vs ``dpo.max_length``; the

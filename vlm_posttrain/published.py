@@ -1,8 +1,8 @@
 """The published checkpoints the study configs name, as data: their config.json and image-processor settings.
 
 No hub is reachable here, so the preflight plan and the memory estimate read a shipped study config's model
-from these (config only: no weights, no tokenizer). Values are the checkpoints' config.json and
-preprocessor_config.json with the defaults they rely on written out.
+from these (config only: no weights, no tokenizer; importing this module loads no model library). Values are
+the checkpoints' config.json and preprocessor_config.json with the defaults they rely on written out.
 
     config = PUBLISHED["Qwen/Qwen2.5-VL-7B-Instruct"].config()       # a transformers config
     image_processor = PUBLISHED["Qwen/Qwen2.5-VL-7B-Instruct"].image_processor()
@@ -15,10 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from vlm_posttrain import llava15
-
-CLIP_MEAN = llava15.CLIP_MEAN
-CLIP_STD = llava15.CLIP_STD
+# OpenAI CLIP's normalisation, which LLaVA-1.5's and Qwen2-VL's image processors use.
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 # LLaVA-OneVision's anyres grids: every (h, w) of multiples of 384 up to 6 x 6.
 ONEVISION_GRID = [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)]
@@ -140,11 +139,23 @@ class Published:
     processor_kwargs: dict
 
 
+def _llava15_config(size: str):
+    from vlm_posttrain import llava15
+
+    return llava15.published_config(size)
+
+
+def _llava15_image_processor():
+    from vlm_posttrain import llava15
+
+    return llava15.image_processor()
+
+
 def _llava15(size: str) -> Published:
     return Published(
         "llava",
-        lambda: llava15.published_config(size),
-        llava15.image_processor,
+        lambda: _llava15_config(size),
+        _llava15_image_processor,
         {"patch_size": 14, "vision_feature_select_strategy": "default", "num_additional_image_tokens": 1},
     )
 
@@ -175,7 +186,7 @@ def stand_in_processor(model_id: str):
     import transformers
     from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
 
-    from vlm_posttrain import families, tiny
+    from vlm_posttrain import families, llava15, modeling, tiny
 
     published = PUBLISHED[model_id]
     family = families.by_model_type(published.model_type, model_id)
@@ -187,7 +198,7 @@ def stand_in_processor(model_id: str):
     else:
         tokenizer, exact = tiny.build_chatml_tokenizer(family.name), False
     cls = getattr(transformers, PROCESSOR_MAPPING_NAMES[published.model_type])
-    processor = tiny.image_only(cls)(
+    processor = modeling.image_only(cls)(
         image_processor=published.image_processor(),
         tokenizer=tokenizer,
         chat_template=family.chat_template,

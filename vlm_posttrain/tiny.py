@@ -24,6 +24,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from vlm_posttrain import modeling
 from vlm_posttrain.prompts import LLAVA_15_TEMPLATE
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
@@ -183,12 +184,6 @@ def build_tiny_base(
         return {**chat, "looking_loss": looking["pretrain_loss"]}
 
 
-def image_only(cls):
-    # Without torchvision no video processor can be built: the same class minus that part (as the loader does).
-    attributes = [a for a in cls.get_attributes() if a != "video_processor"]
-    return type(cls.__name__, (cls,), {"get_attributes": classmethod(lambda _: list(attributes))})
-
-
 CHATML_SPECIAL_TOKENS = {
     "llava_onevision": ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"],
     "qwen2_vl": [
@@ -243,7 +238,7 @@ def _tiny_onevision(tok: PreTrainedTokenizerFast, chat_template: str | None, see
     image_processor = LlavaOnevisionImageProcessorPil(
         size={"height": 32, "width": 32}, image_grid_pinpoints=grid
     )
-    processor = image_only(LlavaOnevisionProcessor)(
+    processor = modeling.image_only(LlavaOnevisionProcessor)(
         image_processor=image_processor,
         tokenizer=tok,
         num_image_tokens=16,
@@ -309,7 +304,7 @@ def build_tiny_qwen2_vl(out_dir: str | Path, seed: int = 0) -> Path:
     image_processor = Qwen2VLImageProcessorPil(
         min_pixels=16 * 16, max_pixels=64 * 64, patch_size=8, merge_size=2, temporal_patch_size=2
     )
-    processor = image_only(Qwen2_5_VLProcessor)(
+    processor = modeling.image_only(Qwen2_5_VLProcessor)(
         image_processor=image_processor, tokenizer=tok, chat_template=tok.chat_template
     )
     ids = tok.convert_tokens_to_ids
@@ -378,7 +373,6 @@ def build_tiny_adapter(
     PEFT starts B at zero, which changes nothing; a random B makes a model variant that answers differently,
     the stand-in for a trained adapter in tests and benchmarks.
     """
-    from vlm_posttrain import modeling
     from vlm_posttrain.config import LORA_LANGUAGE_TARGET, ModelConfig, SftConfig
 
     base = modeling.load_base(str(model_dir), ModelConfig(name=str(model_dir)))
