@@ -490,7 +490,8 @@ def render(plan: Plan) -> str:
     sft, pairs, ev = cfg.sft, cfg.pairs, cfg.eval
     trials = plan.trials
     lines = [
-        f"plan: {cfg.source} (model {cfg.model.name}: {_image_tokens_text(plan.image_tokens)} per image, "
+        f"plan: {cfg.source} (model {cfg.model.name}, {cfg.model.family_name}: "
+        f"{_image_tokens_text(plan.image_tokens)} per image, "
         f"context {plan.context}); trains nothing, starts no Ray",
         "",
         f"1. data: {plan.where}, data.bad_rows={cfg.data.bad_rows}",
