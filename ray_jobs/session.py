@@ -163,10 +163,10 @@ def tracking_callbacks(cfg: ExperimentConfig, stage_name: str, key: str, store: 
         return []
     from ray.air.integrations.mlflow import MLflowLoggerCallback
 
-    from analysis.tracking import TAG_ARTIFACT, TAG_ROOT, TAG_STAGE, experiment_name
+    from analysis.tracking import TAG_ARTIFACT, TAG_ROOT, TAG_STAGE, experiment_name, root_tag
 
     tags = {
-        TAG_ROOT: str(store.root),
+        TAG_ROOT: root_tag(store.root),
         TAG_STAGE: stage_name,
         TAG_ARTIFACT: store.artifact_id(stage_name, key),
     }

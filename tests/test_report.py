@@ -339,3 +339,13 @@ def test_runs_compare_side_by_side_each_against_its_own_base(tmp_path):
     assert "strong" in text and "weak" in text and (tmp_path / "compare" / "comparison.parquet").is_file()
     with pytest.raises(ValueError, match="share a folder name"):
         gains([strong, tmp_path / "other" / "strong"])
+
+
+def test_tracking_tags_name_the_run_root_as_every_tracked_run_does(tmp_path, monkeypatch):
+    """Trial runs (tagged by the driver) and the results run (tagged after the report) must agree, whether
+    run.root was given relative, absolute or as a bucket URI."""
+    from analysis.tracking import root_tag
+
+    monkeypatch.chdir(tmp_path)
+    assert root_tag("runs/x") == root_tag(tmp_path / "runs" / "x") == str(tmp_path.resolve() / "runs" / "x")
+    assert root_tag("s3://bucket/runs/x") == "s3://bucket/runs/x"
