@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,18 +76,25 @@ def logged_results(tags: dict[str, str], experiment: str) -> str | None:
     """The id of a results run already logged for these artifacts (a re-run of a finished pipeline)."""
     import mlflow
 
-    keys = (TAG_ROOT, f"{TAG_ARTIFACT}.report", f"{TAG_ARTIFACT}.eval")
-    where = " and ".join(f"tags.`{k}` = '{tags[k]}'" for k in keys if k in tags)
+    keys = [TAG_ROOT, TAG_STAGE, *(k for k in tags if k.startswith(f"{TAG_ARTIFACT}."))]
+    where = " and ".join(f"tags.`{k}` = '{tags[k]}'" for k in keys)
     found = mlflow.search_runs(experiment_names=[experiment], filter_string=where, output_format="list")
     return found[0].info.run_id if found else None
 
 
-def log_results(cfg: ExperimentConfig, root: str | Path) -> str:
-    """One MLflow run with the finished run's results, unless these artifacts are logged; returns its run id."""
+def log_results(cfg: ExperimentConfig, root: str | Path, only: Sequence[str] = ()) -> str:
+    """One MLflow run with the finished run's results, unless these artifacts are logged; returns its run id.
+
+    ``only``: the artifact folders this run built or found (the pipeline passes them), so artifacts an earlier
+    config left in the same root are not mixed in; empty: every complete artifact of the root.
+    """
     import mlflow
 
     run = load_run(root)
     artifacts = complete_artifacts(Path(root))
+    if only:
+        wanted = {str(Path(p).resolve()) for p in only}
+        artifacts = [a for a in artifacts if str(Path(a["folder"]).resolve()) in wanted]
     mlflow.set_tracking_uri(cfg.tracking.tracking_uri)
     mlflow.set_experiment(experiment_name(cfg))
     tags = {TAG_ROOT: root_tag(root), TAG_STAGE: RESULTS}

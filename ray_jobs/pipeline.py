@@ -89,7 +89,18 @@ def run(cfg: ExperimentConfig, store: RunStore, until: str = "report") -> Built:
         if cfg.tracking.backend == "mlflow":
             from analysis.tracking import log_results
 
-            print(f"[tracking] results logged to MLflow run {log_results(cfg, store.root)}", file=sys.stderr)
+            paths = [
+                built.model,
+                built.data,
+                built.sft,
+                built.soup,
+                *built.pairs,
+                *built.dpo,
+                built.eval,
+                built.report,
+            ]
+            run_id = log_results(cfg, store.root, [p for p in paths if p])
+            print(f"[tracking] results logged to MLflow run {run_id}", file=sys.stderr)
     return built
 
 

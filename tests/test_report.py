@@ -6,6 +6,7 @@ test scores it is then compared on; a simulation on the study's scores measures 
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -349,3 +350,43 @@ def test_tracking_tags_name_the_run_root_as_every_tracked_run_does(tmp_path, mon
     monkeypatch.chdir(tmp_path)
     assert root_tag("runs/x") == root_tag(tmp_path / "runs" / "x") == str(tmp_path.resolve() / "runs" / "x")
     assert root_tag("s3://bucket/runs/x") == "s3://bucket/runs/x"
+
+
+def test_tracked_results_hold_only_this_runs_artifacts(tmp_path, monkeypatch):
+    """Two soups in one root (an earlier config left one): the results run logs the one the pipeline names."""
+    import json
+
+    import mlflow
+
+    from analysis.tracking import log_results
+    from vlm_posttrain.config import load_config
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    root = tmp_path / "run"
+    folders = []
+    for key, loss in (("aaa", 1.0), ("bbb", 2.0)):
+        folder = root / "soup" / f"soup-{key}"
+        folder.mkdir(parents=True)
+        manifest = {"stage": "soup", "artifact": f"soup-{key}", "status": "complete", "created": key}
+        (folder / "manifest.json").write_text(json.dumps({**manifest, "metrics": {"eval_loss": loss}}))
+        folders.append(str(folder))
+    uri = f"file://{tmp_path / 'mlruns'}"
+    cfg = load_config(
+        Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml",
+        [
+            f"run.root={root}",
+            "tracking.backend=mlflow",
+            f"tracking.tracking_uri={uri}",
+            "tracking.experiment=t",
+        ],
+    )
+    run_id = log_results(cfg, root, only=[folders[1]])
+    mlflow.set_tracking_uri(uri)
+    logged = mlflow.get_run(run_id).data
+    assert logged.metrics["soup.eval_loss"] == 2.0
+    assert logged.tags["vlm_posttrain.artifact.soup"] == "soup-bbb"
+    every = log_results(cfg, tmp_path / "run")  # no list: every artifact, a run of its own
+    assert (
+        every != run_id
+        and mlflow.get_run(every).data.tags["vlm_posttrain.artifact.soup"] == "soup-aaa,soup-bbb"
+    )
