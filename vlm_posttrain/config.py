@@ -78,11 +78,8 @@ class ModelConfig:
 
     def _check_family(self) -> None:
         from vlm_posttrain import families
-        from vlm_posttrain.published import PUBLISHED
 
-        model_type = families.model_type_of(self.name)
-        if model_type is None and self.name in PUBLISHED:
-            model_type = PUBLISHED[self.name].model_type
+        model_type = families.known_model_type(self.name)
         if model_type is None:
             return  # not readable offline: the model stage's check_source names what is missing
         try:

@@ -72,7 +72,6 @@ TOKEN_TYPE_KEYS = frozenset({"token_type_ids", "mm_token_type_ids"})
 @dataclass(frozen=True)
 class Family:
     name: str
-    title: str
     # config.json's model_type values of this family.
     model_types: tuple[str, ...]
     # The training template (the family's bytes, the assistant turn in generation markers) and the template
@@ -97,7 +96,6 @@ class Family:
 
 LLAVA = Family(
     name="llava",
-    title="LLaVA-1.5",
     model_types=("llava",),
     chat_template=prompts.LLAVA_15_TEMPLATE,
     # llava-hf's processors ship a template without the "</s>" the original LLaVA-1.5 trained on; the
@@ -109,7 +107,6 @@ LLAVA = Family(
 
 LLAVA_ONEVISION = Family(
     name="llava_onevision",
-    title="LLaVA-OneVision",
     model_types=("llava_onevision",),
     chat_template=ONEVISION_TEMPLATE,
     shipped_template=ONEVISION_SHIPPED_TEMPLATE,
@@ -119,7 +116,6 @@ LLAVA_ONEVISION = Family(
 
 QWEN2_VL = Family(
     name="qwen2_vl",
-    title="Qwen2-VL / Qwen2.5-VL",
     model_types=("qwen2_vl", "qwen2_5_vl"),
     # TRL's training variant of the template both ship (byte-identical between the two).
     chat_template=_trl_template("qwen2_5_vl_training"),
@@ -165,13 +161,19 @@ def model_type_of(path: str) -> str | None:
     return None
 
 
-def detect(path: str) -> Family:
-    """The family of a model folder or hub id (its config.json, or a published checkpoint's known type)."""
+def known_model_type(path: str) -> str | None:
+    """The ``model_type`` of a folder or cached hub id, else of a published checkpoint; None when unknown."""
     from vlm_posttrain.published import PUBLISHED
 
     model_type = model_type_of(path)
     if model_type is None and path in PUBLISHED:
         model_type = PUBLISHED[path].model_type
+    return model_type
+
+
+def detect(path: str) -> Family:
+    """The family of a model folder or hub id (its config.json, or a published checkpoint's known type)."""
+    model_type = known_model_type(path)
     if model_type is None:
         raise UnknownArchitecture(
             f"model '{path}': no config.json to read its architecture from; set model.name to a model folder "
