@@ -17,7 +17,6 @@ Pandas and scipy only (through ``analysis.stats``); no Ray, no torch.
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import pandas as pd
 from analysis.report import _md, best_trial_by_validation
 from analysis.run import RunTables, load_run
 from analysis.stats import compare_variants
-from vlm_posttrain.layout import MANIFEST
+from vlm_posttrain.store import RunStore
 
 SCORE = "reference/score"
 BASE = "base"
@@ -37,10 +36,9 @@ def model_of(run: RunTables) -> str:
     manifests = run.manifests
     if not len(manifests) or "eval" not in set(manifests["stage"]):
         return "unknown"
-    path = Path(manifests[manifests["stage"] == "eval"].iloc[-1]["path"])
-    model = json.loads((path / MANIFEST).read_text()).get("inputs", {}).get("model", "unknown")
-    root = str(run.root.resolve())
-    return model[len(root) + 1 :] if model.startswith(root + "/") else model
+    location = manifests[manifests["stage"] == "eval"].iloc[-1]["path"]
+    model = RunStore(run.root).read_manifest(location).get("inputs", {}).get("model", "unknown")
+    return model[len(run.root) + 1 :] if model.startswith(run.root + "/") else model
 
 
 def family_of(run: RunTables, model: str) -> str:
@@ -48,9 +46,8 @@ def family_of(run: RunTables, model: str) -> str:
     inside the root, or a published checkpoint's id; "unknown" where none tells."""
     from vlm_posttrain import families
 
-    folder = (
-        run.root / model if not Path(model).is_absolute() and (run.root / model).is_dir() else Path(model)
-    )
+    root = Path(run.root)
+    folder = root / model if not Path(model).is_absolute() and (root / model).is_dir() else Path(model)
     try:
         return families.detect(str(folder) if folder.is_dir() else model).name
     except ValueError:

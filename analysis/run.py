@@ -7,19 +7,21 @@
     run.eval            # one row per (variant, system prompt, example, sample) with every judge's score
     run.manifests       # one row per complete artifact: stage, artifact, created, timings, scalar metrics
 
-Each stage's table is read from its newest complete artifact (one whose manifest says ``complete``).
+Each stage's table is read from its newest complete artifact (one whose manifest says ``complete``). The root
+may be a bucket (``load_run("s3://bucket/runs/study")``): tables are read where they lie.
 Pandas only: no Ray, no torch.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.fs as pafs
 
-from vlm_posttrain.layout import FILES, MANIFEST
+from vlm_posttrain.layout import FILES
+from vlm_posttrain.store import RunStore
 
 # Which file of which stage's artifact holds which table (file names: vlm_posttrain.layout).
 TABLES = {
@@ -33,7 +35,7 @@ TABLES = {
 
 @dataclass
 class RunTables:
-    root: Path
+    root: str  # a local path, or a URI
     manifests: pd.DataFrame
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
 
@@ -43,16 +45,9 @@ class RunTables:
         raise AttributeError(name)
 
 
-def complete_artifacts(root: Path) -> list[dict]:
-    """Every complete artifact's manifest, with its folder."""
-    found = []
-    for manifest in sorted(root.glob(f"*/*/{MANIFEST}")):
-        if manifest.parent.name.startswith("."):
-            continue  # a staging folder a moment before its rename: not an artifact yet
-        data = json.loads(manifest.read_text())
-        if data.get("status") == "complete":
-            found.append({**data, "folder": manifest.parent})
-    return found
+def complete_artifacts(root: str | Path) -> list[dict]:
+    """Every complete artifact's manifest, with its ``location`` (a folder, or a URI on a bucket root)."""
+    return RunStore(root).complete_artifacts()
 
 
 def _newest(artifacts: list[dict], stage: str) -> dict | None:
@@ -61,17 +56,17 @@ def _newest(artifacts: list[dict], stage: str) -> dict | None:
 
 
 def load_run(root: str | Path) -> RunTables:
-    root = Path(root)
-    if not root.is_dir():
+    store = RunStore(root)
+    if store.fs.get_file_info(store.base).type != pafs.FileType.Directory:
         raise FileNotFoundError(f"run root '{root}' not found; pass the run.root of a config that has run")
-    artifacts = complete_artifacts(root)
+    artifacts = store.complete_artifacts()
     manifests = pd.DataFrame(
         [
             {
                 "stage": a["stage"],
                 "artifact": a["artifact"],
                 "created": a["created"],
-                "path": str(a["folder"]),
+                "path": a["location"],
                 **{f"timing/{k}": v for k, v in a.get("timings", {}).items()},
                 **{
                     f"metric/{k}": v
@@ -86,7 +81,7 @@ def load_run(root: str | Path) -> RunTables:
     for name, candidates in TABLES.items():
         for stage, filename in candidates:
             artifact = _newest(artifacts, stage)
-            if artifact is not None and (artifact["folder"] / filename).is_file():
-                tables[name] = pd.read_parquet(artifact["folder"] / filename)
+            if artifact is not None and store.has_file(artifact["location"], filename):
+                tables[name] = store.read_table(artifact["location"], filename)
                 break
-    return RunTables(root=root, manifests=manifests, tables=tables)
+    return RunTables(root=store.uri(), manifests=manifests, tables=tables)

@@ -21,6 +21,7 @@ from typing import Any
 from analysis.report import evaluation_numbers
 from analysis.run import complete_artifacts, load_run
 from vlm_posttrain.config import ExperimentConfig, load_config
+from vlm_posttrain.store import is_uri, local_copy
 
 TAG_ROOT = "vlm_posttrain.run_root"
 TAG_STAGE = "vlm_posttrain.stage"
@@ -91,10 +92,10 @@ def log_results(cfg: ExperimentConfig, root: str | Path, only: Sequence[str] = (
     import mlflow
 
     run = load_run(root)
-    artifacts = complete_artifacts(Path(root))
+    artifacts = complete_artifacts(root)
     if only:
-        wanted = {str(Path(p).resolve()) for p in only}
-        artifacts = [a for a in artifacts if str(Path(a["folder"]).resolve()) in wanted]
+        wanted = {_location(p) for p in only}
+        artifacts = [a for a in artifacts if _location(a["location"]) in wanted]
     mlflow.set_tracking_uri(cfg.tracking.tracking_uri)
     mlflow.set_experiment(experiment_name(cfg))
     tags = {TAG_ROOT: root_tag(root), TAG_STAGE: RESULTS}
@@ -114,8 +115,12 @@ def log_results(cfg: ExperimentConfig, root: str | Path, only: Sequence[str] = (
         mlflow.log_metrics({**manifest_metrics(artifacts), **eval_metrics(run)})
         reports = sorted((a for a in artifacts if a["stage"] == "report"), key=lambda a: a["created"])
         if reports:
-            mlflow.log_artifacts(str(reports[-1]["folder"]), artifact_path="report")
+            mlflow.log_artifacts(local_copy(reports[-1]["location"]), artifact_path="report")
         return active.info.run_id
+
+
+def _location(path: str | Path) -> str:
+    return str(path) if is_uri(path) else str(Path(path).resolve())
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -29,7 +29,7 @@ from ray_jobs import sft as sft_job
 from ray_jobs.session import InputError, cli, connect, parse_cli, raise_input_errors, stage, tuner
 from vlm_posttrain.config import ExperimentConfig
 from vlm_posttrain.layout import FILES, MANIFEST
-from vlm_posttrain.store import RunStore, build_manifest, write_provenance
+from vlm_posttrain.store import RunStore, build_manifest, local_copy, write_provenance
 
 ADAPTER, CURVES = FILES["dpo"]["adapter"], FILES["dpo"]["curves"]
 
@@ -97,10 +97,11 @@ def check_pairs(cfg: ExperimentConfig, base_dir: str, pairs_dir: str) -> dict:
     longer ones are counted, and the trial drops the same ones); returns the counts for the manifest."""
     from vlm_posttrain import dpo, modeling
 
+    pairs_dir = local_copy(pairs_dir)
     pairs = pd.read_parquet(dpo.find_pairs(pairs_dir))
     if pairs.empty:
         raise InputError(no_pairs_message(pairs_dir))
-    processor = modeling.load_processor(base_dir, cfg.model.trust_remote_code)
+    processor = modeling.load_processor(local_copy(base_dir), cfg.model.trust_remote_code)
     kept, rejects = dpo.fit_pairs(pairs, processor, cfg.dpo.max_length, cfg.data.bad_rows)
     too_long = rejects.counts.get("too_long", 0)
     if kept.empty:

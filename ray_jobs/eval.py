@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import math
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pandas as pd
@@ -28,7 +27,7 @@ from ray_jobs.session import actor_options, cli, connect, parse_args, stage
 from vlm_posttrain.config import EvalConfig, ExperimentConfig, ModelConfig
 from vlm_posttrain.data import load_split
 from vlm_posttrain.layout import FILES
-from vlm_posttrain.store import RunStore, build_manifest
+from vlm_posttrain.store import RunStore, build_manifest, join, local_copy
 
 # torch, transformers and peft are imported where a stage runs, not here: `--help` answers at once.
 
@@ -41,10 +40,12 @@ class AnswerTests:
     def __init__(
         self, base_dir: str, model_cfg: ModelConfig, variants: list[Variant], cfg: EvalConfig, seed: int
     ):
-        from vlm_posttrain.eval import VariantAnswerer
+        from vlm_posttrain.eval import Variant, VariantAnswerer
         from vlm_posttrain.generation import Sampling
 
-        self.answerer = VariantAnswerer(base_dir, model_cfg, variants)
+        # From the run root to this actor's node, when that is a bucket.
+        local = [Variant(v.name, v.adapter and local_copy(v.adapter)) for v in variants]
+        self.answerer = VariantAnswerer(local_copy(base_dir), model_cfg, local)
         self.sampling = Sampling(cfg.temperature, cfg.top_p, cfg.max_new_tokens)
         self.samples, self.seed = cfg.samples, seed
 
@@ -67,7 +68,7 @@ def prepare_batch(batch: pd.DataFrame, base_dir: str, trust_remote_code: bool) -
     """Ray Data task: a batch of tasks with their images and prompts through the policy's processor."""
     from vlm_posttrain.eval import prepare_tasks
 
-    return prepare_tasks(_processor(base_dir, trust_remote_code), batch)
+    return prepare_tasks(_processor(local_copy(base_dir), trust_remote_code), batch)
 
 
 class ScoreWithCritic:
@@ -88,22 +89,20 @@ class ScoreWithCritic:
 def variants_of(
     cfg: ExperimentConfig, sft_dir: str | None, soup_dir: str | None, dpo_dirs=()
 ) -> list[Variant]:
-    """The variants the config asks for, from the artifacts the pipeline built."""
+    """The variants the config asks for, from the artifacts the pipeline built (locations as the store gives
+    them: on an object-store root each actor copies the adapters it attaches)."""
     from vlm_posttrain.eval import Variant
 
     kinds = set(cfg.eval.variants)
     variants = [Variant("base")] if "base" in kinds else []
     if "sft" in kinds and sft_dir:
-        trials = pd.read_parquet(Path(sft_dir) / FILES["sft"]["trials"])
-        variants += [
-            Variant(f"sft/{t.trial_id}", str(Path(sft_dir) / t.adapter)) for t in trials.itertuples()
-        ]
+        trials = pd.read_parquet(join(sft_dir, FILES["sft"]["trials"]))
+        variants += [Variant(f"sft/{t.trial_id}", join(sft_dir, t.adapter)) for t in trials.itertuples()]
     if "soup" in kinds and soup_dir:
-        adapter = Path(soup_dir) / FILES["soup"]["adapter"]
-        variants.append(Variant(f"soup/{cfg.soup.method}", str(adapter)))
+        variants.append(Variant(f"soup/{cfg.soup.method}", join(soup_dir, FILES["soup"]["adapter"])))
     if "dpo" in kinds:
-        adapters = [Path(d) / FILES["dpo"]["adapter"] for d in dpo_dirs]
-        variants += [Variant(f"dpo/round{i}", str(a)) for i, a in enumerate(adapters, 1)]
+        adapters = [join(d, FILES["dpo"]["adapter"]) for d in dpo_dirs]
+        variants += [Variant(f"dpo/round{i}", a) for i, a in enumerate(adapters, 1)]
     return variants
 
 
@@ -130,7 +129,7 @@ def answer_dataset(cfg: ExperimentConfig, base_dir: str, data_dir: str, variants
     import ray
 
     e = cfg.eval
-    tasks = task_table(e, data_dir, variants)
+    tasks = task_table(e, local_copy(data_dir), variants)
     ds = ray.data.from_pandas(tasks).repartition(max(1, math.ceil(len(tasks) / e.batch_size))).materialize()
     # Images decoded and prompts tokenized by Ray Data tasks on the other CPUs, ahead of the answering
     # actor, whose process then only runs the model.
@@ -190,7 +189,7 @@ def run(cfg: ExperimentConfig, store: RunStore, base_dir: str, data_dir: str, va
         store.publish(staging, "eval", key, manifest)
 
     path = stage("eval", key, store, build)
-    table = pd.read_parquet(store.in_artifact(path, TABLE))
+    table = store.read_table(path, TABLE)
     score_cols = [c for c in table.columns if c.endswith("/score")]
     print(table.groupby("variant")[score_cols].mean().round(2).to_string())
     return path

@@ -47,8 +47,8 @@ def run(cfg: ExperimentConfig, store: RunStore) -> str:
         )
         store.publish(staging, "model", key, manifest)
 
-    path = stage("model", key, store, build)
-    return str(store.local_path("model", key)) if not store.is_local else path
+    # On an object-store root a URI: every process that loads the base copies it to its own machine.
+    return stage("model", key, store, build)
 
 
 @cli

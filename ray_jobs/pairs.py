@@ -15,19 +15,17 @@ Run alone, it builds (or reuses) model, data and sft, and uses the best SFT tria
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
-from pathlib import Path
 
 import pandas as pd
 import pyarrow.parquet as pq
 
 from ray_jobs.session import actor_options, cli, connect, parse_args, stage
 from vlm_posttrain.config import ExperimentConfig, ModelConfig, PairsConfig
-from vlm_posttrain.layout import FILES, MANIFEST
-from vlm_posttrain.store import RunStore, build_manifest
+from vlm_posttrain.layout import FILES
+from vlm_posttrain.store import RunStore, build_manifest, join, local_copy
 
 # torch, transformers and peft are imported where a stage runs, not here: `--help` answers at once.
 
@@ -39,7 +37,8 @@ class GenerateAnswers:
         from vlm_posttrain.generation import Generator
         from vlm_posttrain.pairs.stage import generate_samples
 
-        self.generator = Generator.load(base_dir, model_cfg, adapter_dir)
+        # From the run root to this actor's node, when that is a bucket.
+        self.generator = Generator.load(local_copy(base_dir), model_cfg, local_copy(adapter_dir))
         self.generate_samples = generate_samples
         self.cfg, self.seed = cfg, seed
 
@@ -54,7 +53,7 @@ class JudgeAnswers:
         from vlm_posttrain.pairs.judges import build_judge
         from vlm_posttrain.pairs.stage import judge_samples
 
-        self.judge = build_judge(cfg, base_dir, model_cfg, adapter_dir)
+        self.judge = build_judge(cfg, local_copy(base_dir), model_cfg, local_copy(adapter_dir))
         self.judge_samples = judge_samples
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
@@ -66,8 +65,9 @@ def judge_with_ray(cfg: ExperimentConfig, base_dir: str, data_dir: str, adapter_
     import ray
 
     p = cfg.pairs
-    path = str(Path(data_dir) / FILES["data"]["train"])
-    rows = pq.ParquetFile(path).metadata.num_rows
+    # A URI on an object-store root: Ray Data's read tasks read the bucket from whichever node runs them.
+    path = join(data_dir, FILES["data"]["train"])
+    rows = pq.read_metadata(path).num_rows
     ds = ray.data.read_parquet(path)
     if p.limit:
         ds = ds.limit(p.limit)
@@ -113,7 +113,7 @@ def run(cfg: ExperimentConfig, store: RunStore, base_dir: str, data_dir: str, po
         judged = judge_with_ray(cfg, base_dir, data_dir, policy_adapter_dir)
         pipeline_s = time.time() - start
         staging = store.staging("pairs", key)
-        metrics = write_outputs(judged, cfg.pairs.judge, data_dir, staging)
+        metrics = write_outputs(judged, cfg.pairs.judge, local_copy(data_dir), staging)
         metrics["tokens_per_s_wall"] = metrics["generated_tokens"] / pipeline_s if pipeline_s > 0 else 0.0
         manifest = build_manifest(
             "pairs",
@@ -127,10 +127,7 @@ def run(cfg: ExperimentConfig, store: RunStore, base_dir: str, data_dir: str, po
         warn_few_pairs(metrics, cfg.pairs.warn_kept_below)
 
     path = stage("pairs", key, store, build)
-    manifest = json.loads(Path(store.in_artifact(path, MANIFEST)).read_text())
-    print_summary(
-        pd.read_parquet(store.in_artifact(path, FILES["pairs"]["diagnostics"])), manifest["metrics"]
-    )
+    print_summary(store.read_table(path, FILES["pairs"]["diagnostics"]), store.read_manifest(path)["metrics"])
     return path
 
 
@@ -158,8 +155,8 @@ def print_summary(table: pd.DataFrame, metrics: dict) -> None:
 
 def best_sft_adapter(store: RunStore, sft_path: str) -> str:
     """The adapter of the SFT trial with the lowest validation loss (the policy when no soup is given)."""
-    best = json.loads(Path(store.in_artifact(sft_path, MANIFEST)).read_text())["metrics"]["best_trial"]
-    return store.in_artifact(sft_path, FILES["sft"]["adapters"], best)
+    best = store.read_manifest(sft_path)["metrics"]["best_trial"]
+    return join(sft_path, FILES["sft"]["adapters"], best)
 
 
 @cli

@@ -33,7 +33,7 @@ from ray_jobs import soup as soup_job
 from ray_jobs.session import cli, parse_cli
 from vlm_posttrain.config import ExperimentConfig
 from vlm_posttrain.layout import FILES, STAGES
-from vlm_posttrain.store import RunStore
+from vlm_posttrain.store import RunStore, join
 
 
 @dataclass
@@ -72,14 +72,15 @@ def run(cfg: ExperimentConfig, store: RunStore, until: str = "report") -> Built:
     built.soup = soup_job.run(cfg, store, built.model, built.data, built.sft)
     if last < STAGES.index("pairs"):
         return built
-    policy = store.in_artifact(built.soup, FILES["soup"]["adapter"])
+    # Artifacts are handed on as the store names them (URIs on an object-store root): whatever process loads
+    # one copies it to its own node.
+    policy = join(built.soup, FILES["soup"]["adapter"])
     for round_index in range(1, cfg.dpo.rounds + 1):
         built.pairs.append(pairs_job.run(cfg, store, built.model, built.data, policy))
         if until == "pairs":
             return built
-        pairs = store.in_artifact(built.pairs[-1])
-        built.dpo.append(dpo_job.run(cfg, store, built.model, policy, pairs, round_index))
-        policy = store.in_artifact(built.dpo[-1], FILES["dpo"]["adapter"])
+        built.dpo.append(dpo_job.run(cfg, store, built.model, policy, built.pairs[-1], round_index))
+        policy = join(built.dpo[-1], FILES["dpo"]["adapter"])
     if last < STAGES.index("eval"):
         return built
     variants = eval_job.variants_of(cfg, built.sft, built.soup, built.dpo)

@@ -18,7 +18,7 @@ from vlm_posttrain.store import RunStore, build_manifest, digest
 
 
 def run(cfg: ExperimentConfig, store: RunStore) -> str:
-    tables = load_run(store.base)
+    tables = load_run(store.root)
     # Earlier reports are outputs, not inputs: leaving them out keeps an unchanged run's report key stable.
     manifests = (
         tables.manifests[tables.manifests["stage"] != "report"] if len(tables.manifests) else tables.manifests

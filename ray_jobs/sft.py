@@ -21,7 +21,7 @@ import pandas as pd
 from ray_jobs.session import cli, connect, parse_args, raise_input_errors, stage, tuner, user_error
 from vlm_posttrain.config import GRID_KEYS, ExperimentConfig
 from vlm_posttrain.layout import ADAPTER_FILES, FILES
-from vlm_posttrain.store import RunStore, build_manifest, write_provenance
+from vlm_posttrain.store import RunStore, build_manifest, local_copy, write_provenance
 
 TRIALS, CURVES, ADAPTERS = (FILES["sft"][name] for name in ("trials", "curves", "adapters"))
 
@@ -51,9 +51,10 @@ def gpus_per_trial(cfg: ExperimentConfig, base_dir: str) -> float:
     if cfg.resources.gpus_per_trial == "auto" and not ray.cluster_resources().get("GPU"):
         print("[sft] gpus_per_trial: auto, but the cluster has no GPU: trials run on CPU")
         return 0.0
-    fraction, plan = gpu_share(
-        cfg, AutoConfig.from_pretrained(base_dir, trust_remote_code=cfg.model.trust_remote_code)
+    model_config = AutoConfig.from_pretrained(
+        local_copy(base_dir), trust_remote_code=cfg.model.trust_remote_code
     )
+    fraction, plan = gpu_share(cfg, model_config)
     print(f"[sft] {plan}")
     return fraction
 
@@ -162,7 +163,7 @@ def run(cfg: ExperimentConfig, store: RunStore, base_dir: str, data_dir: str) ->
         store.publish(staging, "sft", key, manifest)
 
     path = stage("sft", key, store, build)
-    print_table(pd.read_parquet(store.in_artifact(path, TRIALS)))
+    print_table(store.read_table(path, TRIALS))
     return path
 
 

@@ -24,7 +24,7 @@ from ray_jobs.session import cli, connect, parse_args, stage
 from vlm_posttrain.config import ExperimentConfig
 from vlm_posttrain.layout import FILES
 from vlm_posttrain.soup.select import METRIC  # no torch, peft or ray: the driver's --help stays instant
-from vlm_posttrain.store import RunStore, build_manifest, write_provenance
+from vlm_posttrain.store import RunStore, build_manifest, local_copy, write_provenance
 
 # torch, transformers and peft are imported where a stage runs, not here: `--help` answers at once.
 
@@ -77,13 +77,9 @@ def write_artifact(
     key: str,
     payload: dict,
     inputs: dict[str, str],
-    sft_local: str,
     task_s: float,
 ) -> str:
-    """Stage the adapter files and the extended trial table, then publish with the manifest last.
-
-    ``inputs`` names the artifacts for the manifest; ``sft_local`` is a readable copy of the SFT one.
-    """
+    """Stage the adapter files and the extended trial table, then publish with the manifest last."""
     staging = store.staging("soup", key)
     adapter = staging / ADAPTER
     adapter.mkdir()
@@ -94,7 +90,7 @@ def write_artifact(
     provenance = {"soup": cfg.section("soup"), "model": cfg.section("model")}
     write_provenance(adapter, "soup", provenance, inputs, cfg.run.seed, **soup, ingredients=ingredients)
     sft_id = Path(inputs["sft"]).name
-    sft_table = pd.read_parquet(Path(sft_local) / FILES["sft"]["trials"])
+    sft_table = store.read_table(inputs["sft"], FILES["sft"]["trials"])
     trials = soup_trials(sft_table, payload, sft_id, store.artifact_id("soup", key), task_s)
     trials.to_parquet(staging / TRIALS, index=False)
     extra = {k: payload[k] for k in ("greedy_steps",) if k in payload}
@@ -121,24 +117,27 @@ def write_artifact(
 def run(cfg: ExperimentConfig, store: RunStore, base_dir: str, data_dir: str, sft_dir: str) -> str:
     inputs = {"sft": sft_dir, "model": base_dir, "data": data_dir}
     key = store.stage_key("soup", cfg.keyed("soup"), inputs, cfg.run.seed)
-    # A local copy of the SFT artifact when the run root is remote (the task reads adapter files).
-    sft_local = store.in_artifact(sft_dir)
 
     def build() -> None:
         import ray
 
-        # Imported here: the task's module pulls in transformers and TRL, which the driver itself never needs.
-        from vlm_posttrain.soup.stage import soup_payload
-
         connect()
-        task = ray.remote(num_cpus=cfg.soup.num_cpus, num_gpus=cfg.soup.num_gpus)(soup_payload)
+        task = ray.remote(num_cpus=cfg.soup.num_cpus, num_gpus=cfg.soup.num_gpus)(soup_task)
         start = time.time()
-        payload = ray.get(task.remote(cfg, base_dir, data_dir, sft_local))
-        write_artifact(cfg, store, key, payload, inputs, sft_local, time.time() - start)
+        payload = ray.get(task.remote(cfg, base_dir, data_dir, sft_dir))
+        write_artifact(cfg, store, key, payload, inputs, time.time() - start)
 
     path = stage("soup", key, store, build)
-    print_summary(store.manifest("soup", key) or {}, pd.read_parquet(store.in_artifact(path, TRIALS)))
+    print_summary(store.manifest("soup", key) or {}, store.read_table(path, TRIALS))
     return path
+
+
+def soup_task(cfg: ExperimentConfig, base_dir: str, data_dir: str, sft_dir: str) -> dict:
+    """The Ray task: its inputs copied from the run root to whichever node runs it, then the soup."""
+    # Imported here: the module pulls in transformers and TRL, which the driver itself never needs.
+    from vlm_posttrain.soup.stage import soup_payload
+
+    return soup_payload(cfg, local_copy(base_dir), local_copy(data_dir), local_copy(sft_dir))
 
 
 def print_summary(manifest: dict, trials: pd.DataFrame) -> None:

@@ -21,6 +21,7 @@ from ray_jobs.session import stop_on_input_error
 from trainables.trial import TuneReport, resumed_checkpoint, trial_dir
 from vlm_posttrain.config import DpoConfig, ModelConfig
 from vlm_posttrain.dpo import CURVE_KEYS, POLICY, SUMMARY, train_dpo
+from vlm_posttrain.store import local_copy
 
 
 @dataclass(frozen=True)
@@ -46,9 +47,10 @@ def train_dpo_trial(config: dict, setup: DpoSetup) -> None:
         metrics = train_dpo(
             setup.dpo,
             setup.model,
-            setup.base_dir,
-            setup.start_adapter_dir,
-            setup.pairs_path,
+            # From the run root to this node, when that is a bucket.
+            local_copy(setup.base_dir),
+            local_copy(setup.start_adapter_dir),
+            local_copy(setup.pairs_path),
             out_dir,
             setup.seed,
             callbacks=[TuneReport({k: k for k in CURVE_KEYS if k not in ("step", "epoch")})],

@@ -18,6 +18,7 @@ from ray_jobs.session import stop_on_input_error
 from trainables.trial import TuneReport, resumed_checkpoint, trial_dir
 from vlm_posttrain.config import ModelConfig, SftConfig
 from vlm_posttrain.sft import train_trial
+from vlm_posttrain.store import local_copy
 
 
 @dataclass(frozen=True)
@@ -36,8 +37,8 @@ def train_sft(config: dict, setup: SftSetup) -> None:
         metrics = train_trial(
             setup.sft.at(config),
             setup.model,
-            setup.base_dir,
-            setup.data_dir,
+            local_copy(setup.base_dir),  # from the run root to this node, when that is a bucket
+            local_copy(setup.data_dir),
             trial_dir(),
             setup.seed,
             bad_rows=setup.bad_rows,

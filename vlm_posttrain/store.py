@@ -8,6 +8,13 @@ builds its payload in a local staging folder; ``publish`` writes ``manifest.json
 into place (rename on a local root, upload with the manifest last on a remote one), so a folder without a
 manifest is never read as finished and a re-run skips every artifact that has one.
 
+On an object-store root nothing is head-local: stages hand each other artifact URIs, and whatever process
+needs the files (a driver, a Tune trial, a Ray Data actor, on any node) calls :func:`local_copy`, which copies
+a published artifact once into that machine's cache. The filesystem is resolved from the URI in every process
+(pyarrow's ``FileSystem.from_uri``, as Ray Tune and Ray Data do); credentials and an endpoint override
+(``AWS_ENDPOINT_URL`` for an S3-compatible server) come from each node's environment or instance role, never
+from the config.
+
 Every path of a run is built here and nowhere else.
 """
 
@@ -30,6 +37,69 @@ import pyarrow.fs as pafs
 from vlm_posttrain.layout import MANIFEST, PROVENANCE, STAGES
 
 PACKAGES = ("torch", "transformers", "peft", "trl", "ray", "accelerate", "bitsandbytes", "pyarrow", "pandas")
+
+
+def is_uri(path: str | os.PathLike) -> bool:
+    """An object-store location (``s3://``, ``gs://``) rather than a path on this machine."""
+    return "://" in str(path) and not str(path).startswith("file://")
+
+
+def join(location: str | os.PathLike, *parts: str) -> str:
+    """A path inside an artifact or folder, for a local path and a URI alike (``Path`` would fold ``s3://``)."""
+    return "/".join([str(location).rstrip("/"), *parts])
+
+
+def cache_path(uri: str) -> Path:
+    """Where this machine keeps its copy of an object-store location: laid out like the bucket, so the copy of
+    ``s3://b/run/sft/sft-k`` is ``<tmp>/vlm_posttrain_cache/s3/b/run/sft/sft-k``."""
+    scheme, path = uri.split("://", 1)
+    return Path(tempfile.gettempdir()).resolve() / "vlm_posttrain_cache" / scheme / path.strip("/")
+
+
+def local_copy(location: str | os.PathLike) -> str:
+    """A local path for an artifact location: a local path as it is; a URI copied once into this machine's cache.
+
+    Inside a published artifact (``<root>/<stage>/<stage>-<key>/...``) the whole artifact is copied, manifest
+    and all, and the copy counts only once its manifest is there: a killed copy is never taken for a finished
+    one, and two processes copying at once each rename a finished copy into place. Published artifacts never
+    change (their key is their content), so a cached copy stays valid.
+    """
+    location = str(location)
+    if not is_uri(location):
+        return location
+    scheme, path = location.split("://", 1)
+    parts = path.strip("/").split("/")
+    for i in range(len(parts) - 1, 0, -1):
+        stage, name = parts[i - 1], parts[i]
+        if stage in STAGES and name.startswith(f"{stage}-"):
+            artifact = f"{scheme}://{'/'.join(parts[: i + 1])}"
+            return join(_fetch(artifact, MANIFEST), *parts[i + 1 :])
+    return _fetch(location, None)
+
+
+def _fetch(uri: str, marker: str | None) -> str:
+    target = cache_path(uri)
+    done = target / marker if marker else target
+    if done.exists():
+        return str(target)
+    fs, path = pafs.FileSystem.from_uri(uri)
+    info = fs.get_file_info(path)
+    missing = pafs.FileType.NotFound
+    if info.type == missing or (marker and fs.get_file_info(f"{path}/{marker}").type == missing):
+        what = "a published artifact (it has no manifest: unfinished or removed)" if marker else "found"
+        raise FileNotFoundError(f"{uri}: not {what}; run the stage that writes it again")
+    # Copied under a temporary name and renamed: a copy killed half-way is never taken for a whole one.
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{time.time_ns()}")
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    if info.type == pafs.FileType.Directory:
+        tmp.mkdir()  # copy_files makes the folders below its destination, not the destination itself
+    pafs.copy_files(path, str(tmp), source_filesystem=fs)
+    try:
+        os.rename(tmp, target)
+    except OSError:
+        # Another process on this machine finished the same copy first.
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+    return str(target)
 
 
 def digest(*parts: Any) -> str:
@@ -67,31 +137,40 @@ class RunStore:
 
     def __init__(self, root: str | os.PathLike):
         root = str(root)
-        if "://" in root and not root.startswith("file://"):
+        if is_uri(root):
             self.fs, self.base = pafs.FileSystem.from_uri(root)
+            self.base = self.base.rstrip("/")
+            self.scheme = root.split("://", 1)[0]
             self.is_local = False
         else:
             self.fs = pafs.LocalFileSystem()
             self.base = str(Path(root.removeprefix("file://")).expanduser().resolve())
+            self.scheme = ""
             self.is_local = True
         self.root = root
 
     def uri(self, *parts: str) -> str:
-        """A path under the root, as Ray Tune and Ray Data accept it (local path or URI)."""
+        """A location under the root as every process names it (Ray Tune, Ray Data, pandas, :func:`local_copy`):
+        a local path, or ``scheme://bucket/prefix/...``."""
         path = "/".join([self.base, *parts])
-        return path if self.is_local else f"{self.root.split('://')[0]}://{path}"
+        return path if self.is_local else f"{self.scheme}://{path}"
 
     def ref(self, path: str | os.PathLike) -> str:
-        """An input's id: an absolute path inside the root (or inside this machine's copy of a remote root) as
-        its root-relative name, so keys survive moving the root; anything else (a hub id, a relative or outside
+        """An input's id: a location inside the root (a path, a URI, or this machine's copy of a remote root)
+        as its root-relative name, so keys survive moving the root; anything else (a hub id, a relative or outside
         folder) as it is."""
+        path = str(path)
+        if is_uri(path):
+            prefix = self.uri() + "/"
+            return path.removeprefix(prefix) if path.startswith(prefix) and not self.is_local else path
         if Path(path).is_absolute():
-            for root in (Path(self.base), self._cache_root()):
+            roots = [Path(self.base)] if self.is_local else [cache_path(self.uri())]
+            for root in roots:
                 try:
                     return Path(path).resolve().relative_to(root.resolve()).as_posix()
                 except ValueError:
                     continue
-        return str(path)
+        return path
 
     def stage_key(self, stage: str, section: dict, inputs: dict[str, Any], seed: int) -> str:
         """The one rule for every artifact's key: the stage, its config section without execution settings
@@ -103,8 +182,7 @@ class RunStore:
     def in_artifact(self, artifact_path: str, *parts: str) -> str:
         """A path inside a published artifact, on this machine (a cached copy when the run root is remote):
         ``store.in_artifact(soup_dir, FILES["soup"]["adapter"])``."""
-        stage, key = Path(artifact_path).name.split("-", 1)
-        return str(Path(self.local_path(stage, key), *parts))
+        return join(local_copy(artifact_path), *parts)
 
     def artifact_id(self, stage: str, key: str) -> str:
         if stage not in STAGES:
@@ -112,6 +190,10 @@ class RunStore:
         return f"{stage}-{key}"
 
     def artifact_path(self, stage: str, key: str) -> str:
+        """The artifact's location as stages hand it on: a local path, or a URI on an object-store root."""
+        return self.uri(stage, self.artifact_id(stage, key))
+
+    def _fs_path(self, stage: str, key: str) -> str:
         return f"{self.base}/{stage}/{self.artifact_id(stage, key)}"
 
     def tune_storage(self, stage: str) -> str:
@@ -124,29 +206,52 @@ class RunStore:
 
     def manifest(self, stage: str, key: str) -> dict | None:
         """The artifact's manifest if it is complete, else None."""
-        path = f"{self.artifact_path(stage, key)}/{MANIFEST}"
+        return self._read_manifest(f"{self._fs_path(stage, key)}/{MANIFEST}")
+
+    def _read_manifest(self, path: str) -> dict | None:
         if self.fs.get_file_info(path).type != pafs.FileType.File:
             return None
         with self.fs.open_input_stream(path) as f:
             data = json.loads(f.read().decode())
         return data if data.get("status") == "complete" else None
 
+    def complete_artifacts(self) -> list[dict]:
+        """Every complete artifact's manifest under the root, ``location`` added (as :meth:`artifact_path`
+        gives it); a folder without a manifest (a build or an upload in progress, or killed) is not listed."""
+        found = []
+        for stage in STAGES:
+            folders = self.fs.get_file_info(pafs.FileSelector(f"{self.base}/{stage}", allow_not_found=True))
+            for info in sorted(folders, key=lambda i: i.path):
+                name = info.path.rsplit("/", 1)[-1]
+                if info.type != pafs.FileType.Directory or not name.startswith(f"{stage}-"):
+                    continue  # staging folders (``.<id>.tmp-*``) and Tune's ``_tune``
+                data = self._read_manifest(f"{info.path}/{MANIFEST}")
+                if data is not None:
+                    found.append({**data, "location": self.uri(stage, name)})
+        return sorted(found, key=lambda a: a["location"])
+
+    def has_file(self, artifact_path: str, name: str) -> bool:
+        """Whether a published artifact holds a file (checked where it lies)."""
+        path = join(artifact_path, name).split("://", 1)[-1]
+        return self.fs.get_file_info(path).type == pafs.FileType.File
+
+    def read_table(self, artifact_path: str, name: str):
+        """A parquet table of an artifact, read where it lies (no copy of the rest of the artifact)."""
+        import pandas as pd
+
+        return pd.read_parquet(join(artifact_path, name))
+
+    def read_manifest(self, artifact_path: str) -> dict:
+        """A published artifact's manifest, read where it lies."""
+        stage, key = artifact_path.rstrip("/").rsplit("/", 1)[-1].split("-", 1)
+        data = self.manifest(stage, key)
+        if data is None:
+            raise FileNotFoundError(f"{artifact_path}: no complete artifact there; run its stage again")
+        return data
+
     def local_path(self, stage: str, key: str) -> Path:
         """A local folder holding the artifact (the artifact itself on a local root, a cached copy otherwise)."""
-        if self.is_local:
-            return Path(self.artifact_path(stage, key))
-        cache = self._cache_root() / stage / self.artifact_id(stage, key)
-        if not (cache / MANIFEST).exists():
-            tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            pafs.copy_files(self.artifact_path(stage, key), str(tmp), source_filesystem=self.fs)
-            tmp.rename(cache)
-        return cache
-
-    def _cache_root(self) -> Path:
-        """This machine's copy of a remote root, laid out like the root itself."""
-        return Path(tempfile.gettempdir()).resolve() / "vlm_posttrain_cache" / digest(self.root)
+        return Path(local_copy(self.artifact_path(stage, key)))
 
     def staging(self, stage: str, key: str) -> Path:
         """A fresh local folder to build an artifact in; on a local root it sits beside its final place."""
@@ -170,33 +275,30 @@ class RunStore:
 
     def publish(self, staging: Path, stage: str, key: str, manifest: dict) -> str:
         """Write the manifest last and move the staged folder into place; returns the artifact path."""
-        final = self.artifact_path(stage, key)
-        manifest = {**manifest, "status": "complete", "artifact": self.artifact_id(stage, key), "path": final}
+        final = self._fs_path(stage, key)
+        location = self.artifact_path(stage, key)
+        manifest = {
+            **manifest,
+            "status": "complete",
+            "artifact": self.artifact_id(stage, key),
+            "path": location,
+        }
         if self.is_local:
             if Path(final).exists():
                 # A previous attempt died before its manifest: its folder is not an artifact.
                 shutil.rmtree(final)
             _write_json_atomic(staging / MANIFEST, manifest)
             os.replace(staging, final)
-            return final
+            return location
         (staging / MANIFEST).unlink(missing_ok=True)
+        if self.fs.get_file_info(final).type != pafs.FileType.NotFound:
+            # An upload killed before its manifest: not an artifact, and none of its files may survive into this one.
+            self.fs.delete_dir(final)
         pafs.copy_files(str(staging), final, destination_filesystem=self.fs)
         with self.fs.open_output_stream(f"{final}/{MANIFEST}") as f:
             f.write(json.dumps(manifest, indent=2, default=str).encode())
         shutil.rmtree(staging, ignore_errors=True)
-        return final
-
-    def write_table(self, df, *parts: str) -> str:
-        """Write a DataFrame as parquet under the root (temp name, then rename)."""
-        path = self.uri(*parts)
-        if self.is_local:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            tmp = f"{path}.tmp-{os.getpid()}"
-            df.to_parquet(tmp, index=False)
-            os.replace(tmp, path)
-        else:
-            df.to_parquet(path, index=False)
-        return path
+        return location
 
 
 def build_manifest(
