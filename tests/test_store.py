@@ -1,8 +1,14 @@
 """The run store: artifact naming, publishing with the manifest last, skipping complete artifacts."""
 
+import io
 import json
+import tempfile
+from pathlib import Path
 
-from vlm_posttrain.store import RunStore, build_manifest, digest
+import pandas as pd
+import pytest
+
+from vlm_posttrain.store import RunStore, build_manifest, cache_path, digest, join, local_copy
 
 
 def test_digest_is_stable_and_order_free():
@@ -66,3 +72,98 @@ def test_refs_and_in_artifact(tmp_path):
     assert store.ref("llava-hf/llava-1.5-7b-hf") == "llava-hf/llava-1.5-7b-hf"  # a hub id stays as it is
     assert store.ref(str(tmp_path / "elsewhere")) == str(tmp_path / "elsewhere")
     assert store.in_artifact(store.artifact_path("dpo", "k"), "adapter") == f"{store.base}/dpo/dpo-k/adapter"
+
+
+# ---- a bucket root, on a local S3 server (tests/s3_server.py) ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def s3():
+    from tests.s3_server import LocalS3
+
+    with LocalS3() as server:
+        server.create_bucket("store-test")
+        yield server
+
+
+@pytest.fixture
+def bucket(s3, monkeypatch, tmp_path):
+    """A fresh bucket prefix; the endpoint and keys in this process's environment only, this test's own cache."""
+    for key, value in s3.env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "node-tmp"))
+    (tmp_path / "node-tmp").mkdir()
+    tempfile.tempdir = None  # gettempdir() reads TMPDIR again
+    yield f"s3://store-test/{tmp_path.name}"
+    tempfile.tempdir = None
+
+
+def _publish(store: RunStore, stage: str, key: str, files: dict[str, bytes]) -> str:
+    staging = store.staging(stage, key)
+    for name, blob in files.items():
+        (staging / name).parent.mkdir(parents=True, exist_ok=True)
+        (staging / name).write_bytes(blob)
+    return store.publish(staging, stage, key, build_manifest(stage, {}, {}, seed=0))
+
+
+def test_bucket_root_publishes_manifest_last_and_lists_only_complete_artifacts(s3, bucket):
+    store = RunStore(f"{bucket}/run")
+    assert not store.is_local and store.uri() == f"{bucket}/run"
+    path = _publish(
+        store, "sft", "k1", {"trials.parquet": b"t", "adapters/t0/adapter_model.safetensors": b"a"}
+    )
+    assert path == f"{bucket}/run/sft/sft-k1" and store.manifest("sft", "k1")["path"] == path
+    assert s3.listing(path) == ["adapters/t0/adapter_model.safetensors", "manifest.json", "trials.parquet"]
+    # An upload killed before its manifest: listed nowhere, and its files do not survive a new publish.
+    with s3.fs.open_output_stream(f"{bucket.removeprefix('s3://')}/run/soup/soup-k2/stale.bin") as f:
+        f.write(b"partial")
+    assert store.manifest("soup", "k2") is None
+    assert [a["artifact"] for a in store.complete_artifacts()] == ["sft-k1"]
+    _publish(store, "soup", "k2", {"adapter/adapter_config.json": b"{}"})
+    assert s3.listing(f"{bucket}/run/soup/soup-k2") == ["adapter/adapter_config.json", "manifest.json"]
+    assert [a["location"] for a in store.complete_artifacts()] == [path, f"{bucket}/run/soup/soup-k2"]
+
+
+def test_local_copy_fetches_a_whole_artifact_once_into_this_machines_cache(s3, bucket, tmp_path):
+    store = RunStore(f"{bucket}/run")
+    path = _publish(
+        store, "sft", "k1", {"adapters/t0/adapter_model.safetensors": b"a", "trials.parquet": b"t"}
+    )
+    adapter = local_copy(join(path, "adapters", "t0"))
+    assert Path(adapter).is_relative_to(tmp_path / "node-tmp")  # this "node's" own temp folder
+    assert (Path(adapter) / "adapter_model.safetensors").read_bytes() == b"a"
+    # The whole artifact came with it (manifest included), and the next call reads no byte from the bucket.
+    assert (Path(adapter).parents[1] / "manifest.json").is_file()
+    s3.fs.delete_dir(path.removeprefix("s3://"))
+    assert local_copy(join(path, "trials.parquet")) == str(Path(adapter).parents[1] / "trials.parquet")
+    # Something never published (or only half uploaded) is an error naming it, never an empty folder.
+    with pytest.raises(FileNotFoundError, match=r"s3://store-test/.*/run/dpo/dpo-none: not a published"):
+        local_copy(join(store.artifact_path("dpo", "none"), "adapter"))
+    assert local_copy(str(tmp_path)) == str(tmp_path)  # a local path stays as it is
+
+
+def test_keys_are_the_same_on_a_local_and_a_bucket_root(bucket, tiny_config, tmp_path):
+    local, remote = RunStore(tmp_path / "run"), RunStore(f"{bucket}/run")
+    assert remote.ref(f"{bucket}/run/soup/soup-k/adapter") == "soup/soup-k/adapter"
+    assert remote.ref(str(cache_path(f"{bucket}/run") / "soup/soup-k/adapter")) == "soup/soup-k/adapter"
+    assert remote.ref("s3://other-bucket/run/soup/soup-k") == "s3://other-bucket/run/soup/soup-k"
+    cfg = tiny_config()
+    keys = [
+        s.stage_key("soup", cfg.keyed("soup"), {"sft": s.artifact_path("sft", "x")}, 0)
+        for s in (local, remote)
+    ]
+    assert keys[0] == keys[1]
+
+
+def test_load_run_reads_a_bucket_root(bucket):
+    from analysis.run import load_run
+
+    store = RunStore(f"{bucket}/run")
+    buffer = io.BytesIO()
+    pd.DataFrame({"trial_id": ["t0", "t1"], "eval_loss": [1.0, 2.0]}).to_parquet(buffer)
+    _publish(store, "sft", "k1", {"trials.parquet": buffer.getvalue()})
+    run = load_run(store.root)
+    assert run.root == store.root and list(run.trials["trial_id"]) == ["t0", "t1"]
+    assert list(run.manifests["path"]) == [f"{bucket}/run/sft/sft-k1"]
+    with pytest.raises(FileNotFoundError, match="run root 's3://store-test/.*/nothing' not found"):
+        load_run(f"{bucket}/nothing")
