@@ -96,6 +96,9 @@ class LocalRayCluster:
         # delete the job's unpacked working dir (the driver's cwd) when that node's trials end.
         temp_dir = Path(self.temp_dir) / name
         temp_dir.mkdir()
+        # A temp folder of its own too (TMPDIR: Python's tempfile, the project's cache of a bucket root): what one
+        # node copies or stages there, another never sees, as on separate machines.
+        self.node_tmp(name).mkdir()
         cmd = [
             RAY,
             "start",
@@ -111,7 +114,12 @@ class LocalRayCluster:
         if resources:
             cmd.append(f"--resources={json.dumps(resources)}")
         log = open(Path(self.temp_dir) / f"{name}.log", "w")
-        self.nodes.append(subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO))
+        env = {**self.env, "TMPDIR": str(self.node_tmp(name))}
+        self.nodes.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO))
+
+    def node_tmp(self, name: str) -> Path:
+        """A node's own temp folder (its TMPDIR): ``head``, ``node1``, ..."""
+        return Path(self.temp_dir) / name / "tmp"
 
     def start_head(self, num_cpus: float = 1, resources: dict | None = None, timeout: float = 120) -> None:
         args = [

@@ -1,14 +1,20 @@
-"""The project on a real Ray cluster: ``ray job submit``, two nodes, a killed trial, a killed driver.
+"""The project on a real Ray cluster with its run root in a bucket: ``ray job submit``, two nodes, a killed
+trial, a killed driver, killed Ray Data actors.
 
 One cluster on 127.0.0.1 for the module: a head with no CPUs (like cluster.yaml's head: drivers only) and a
-second node (``ray start --address``) with the CPUs, so every trial must run there. Token auth with a fresh
-token in the environment of every node and CLI call; planted HF/cloud tokens must never reach a run root or a
-driver's output. Stopped by its own processes at the end (tests/ray_cluster.py).
+second node (``ray start --address``) with the CPUs, so every trial, task and actor must run there. No shared
+filesystem: the run root is ``s3://`` on a local S3 server (moto on loopback, tests/s3_server.py), and each
+node has a temp folder of its own (TMPDIR), so a node sees only what it fetches from the bucket itself.
+Credentials and the endpoint reach the nodes through their environment only (as an instance role would),
+never through the config or the job's runtime env. Token auth with a fresh token in the environment of every
+node and CLI call; planted HF/cloud tokens (the S3 secret is one) must never reach a run root or a driver's
+output. Stopped by its own processes at the end (tests/ray_cluster.py).
 
-Two runs of the same config: the README's ``ray job submit`` command, uninterrupted, and a run that loses a
-trial's worker process and then its driver (both SIGKILL) and is finished by the same command again. Then
-the pairs stage on that first run's artifacts, its Ray Data actors (both pools) SIGKILLed mid-pipeline. Each
-fault test prints a line ``fault-injection: ...`` (faults tried, survived, rows lost).
+Two runs of the same config: the README's ``ray job submit`` command for the whole experiment, uninterrupted,
+and a run of the SFT grid that loses a trial's worker process and then its driver (both SIGKILL) and is
+finished by the same command again. Then the pairs stage on that first run's artifacts, its Ray Data actors
+(both pools) SIGKILLed mid-pipeline. Each fault test prints a line ``fault-injection: ...`` (faults tried,
+survived, rows lost).
 """
 
 from __future__ import annotations
@@ -16,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -28,42 +33,64 @@ import psutil
 import pytest
 
 from tests.ray_cluster import REPO, LocalRayCluster
+from tests.s3_server import LocalS3
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 CONFIG = "configs/tiny.yaml"
+BUCKET = "vpr-cluster-test"
 # The tiny config made small: a quick tiny base, 40 charts, two trials (lora_alpha 16, 8) of three short
 # epochs, so a trial killed after its first epoch's checkpoint still has two to go.
 SMALL = [
     "model.tiny_pretrain_examples=16",
     "model.tiny_pretrain_epochs=1",
     "data.limit=40",
+    "data.synthetic_families=[]",
     "sft.epochs=3",
     "sft.grid.lora_dropout=[0.05]",
     "sft.batch_size=2",
     "resources.max_concurrent_trials=2",
     "resources.max_failures=1",
 ]
-# The README's submit command runs the whole pipeline; the test submits its first stages (model, data, sft)
-# so its time does not grow with every stage added after them.
+# The later stages made small for the submitted whole experiment (pairs from 36 prompts, DPO, eval of 4 charts).
+LATER = [
+    "pairs.k=3",
+    "pairs.max_new_tokens=8",
+    "pairs.batch_size=16",
+    "dpo.epochs=1",
+    "dpo.batch_size=1",
+    "dpo.warmup_ratio=0",
+    "dpo.holdout_fraction=0",
+    "eval.limit=4",
+    "eval.max_new_tokens=6",
+]
 DRIVER = "ray_jobs.sft"
 PLANTED = {
     "HF_TOKEN": "hf_PLANTEDtokenNEVERwrite0123456789",
     "AWS_SECRET_ACCESS_KEY": "PLANTEDcloudSECRET9876",
 }
 LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
+STAGES = ["data", "dpo", "eval", "model", "pairs", "report", "sft", "soup"]
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    with LocalRayCluster(env=PLANTED) as c:
+def s3():
+    # moto takes any keys: the planted secret is the key, so the checks below show the real one never leaks.
+    with LocalS3(secret=PLANTED["AWS_SECRET_ACCESS_KEY"]) as server:
+        server.create_bucket(BUCKET)
+        yield server
+
+
+@pytest.fixture(scope="module")
+def cluster(s3):
+    with LocalRayCluster(env={**PLANTED, **s3.env}) as c:
         c.start_head(num_cpus=0)
         c.add_node(num_cpus=2)
         yield c
 
 
 def artifacts(root: Path) -> dict[str, dict]:
-    """Every registered artifact under a run root: {artifact id: manifest}."""
+    """Every registered artifact under a (mirrored) run root: {artifact id: manifest}."""
     found = {}
     for manifest in root.glob("*/*/manifest.json"):
         data = json.loads(manifest.read_text())
@@ -72,8 +99,14 @@ def artifacts(root: Path) -> dict[str, dict]:
     return found
 
 
-def staging_leftovers(root: Path) -> list[Path]:
-    return [p for p in root.glob("*/.*") if ".tmp" in p.name]
+def partial_artifacts(root: Path) -> list[Path]:
+    """Folders in a stage's place that are not complete artifacts (staging, an unfinished upload)."""
+    return [
+        p
+        for p in root.glob("*/*")
+        if p.name != "_tune"
+        and (".tmp" in p.name or not (p / "manifest.json").is_file() or p.name not in artifacts(root))
+    ]
 
 
 def trial_dirs(root: Path) -> list[Path]:
@@ -122,7 +155,7 @@ def driver_env(cluster: LocalRayCluster) -> dict:
     return {**cluster.env, "RAY_ADDRESS": cluster.address}
 
 
-def driver_cmd(root: Path, *overrides: str, driver: str = DRIVER) -> list[str]:
+def driver_cmd(root: str, *overrides: str, driver: str = DRIVER) -> list[str]:
     return [sys.executable, "-m", driver, CONFIG, f"run.root={root}", *SMALL, *overrides]
 
 
@@ -154,17 +187,26 @@ def in_cluster(cluster: LocalRayCluster, pid: int) -> bool:
     return pid in ours
 
 
-def copy_first_stages(source: Path, root: Path, stages: tuple[str, ...] = ("model", "data")) -> None:
+def copy_first_stages(
+    s3: LocalS3, source: dict, root: str, stages: tuple[str, ...] = ("model", "data")
+) -> None:
     """The finished artifacts of another run's first stages (same config sections, so the same ids)."""
-    for stage in stages:
-        for folder in source.glob(f"{stage}/{stage}-*"):
-            shutil.copytree(folder, root / stage / folder.name)
+    for artifact_id in source["artifacts"]:
+        stage = artifact_id.split("-")[0]
+        if stage in stages:
+            s3.copy(f"{source['root']}/{stage}/{artifact_id}", f"{root}/{stage}/{artifact_id}")
+
+
+def cached_artifacts(folder: Path) -> set[str]:
+    """The artifacts a node copied from the bucket into its own cache (``store.local_copy``)."""
+    return {p.parent.name for p in folder.glob("vlm_posttrain_cache/s3/**/manifest.json")}
 
 
 @pytest.fixture(scope="module")
-def submitted(cluster, tmp_path_factory):
-    """The README's `ray job submit` command, uninterrupted, on the two-node cluster."""
-    root = tmp_path_factory.mktemp("submitted") / "run"
+def submitted(cluster, s3, tmp_path_factory):
+    """The README's `ray job submit` command for the whole experiment, uninterrupted, on the two-node cluster,
+    with the run root in the bucket."""
+    root = f"s3://{BUCKET}/submitted/run"
     job_id = f"vpr-test-{os.getpid()}-{time.time_ns()}"
     out = cluster.ray(
         "job",
@@ -179,10 +221,11 @@ def submitted(cluster, tmp_path_factory):
         "--",
         "python",
         "-m",
-        DRIVER,
+        "ray_jobs.pipeline",
         CONFIG,
         f"run.root={root}",
         *SMALL,
+        *LATER,
     )
     assert out.returncode == 0, out.stdout + out.stderr
 
@@ -190,23 +233,36 @@ def submitted(cluster, tmp_path_factory):
         state = cluster.api(f"/api/jobs/{job_id}")["status"]
         return state if state in ("SUCCEEDED", "FAILED", "STOPPED") else None
 
-    state = wait_for(status, 300, f"job {job_id}")
+    state = wait_for(status, 600, f"job {job_id}")
     logs = cluster.api(f"/api/jobs/{job_id}/logs")["logs"]
-    return {"root": root, "state": state, "logs": logs, "artifacts": artifacts(root)}
+    view = s3.mirror(root, tmp_path_factory.mktemp("submitted") / "run")
+    return {"root": root, "view": view, "state": state, "logs": logs, "artifacts": artifacts(view)}
 
 
-def test_job_submit_runs_the_first_stages(submitted):
+def test_job_submit_runs_every_stage_on_a_bucket_root(submitted, s3, monkeypatch):
     assert submitted["state"] == "SUCCEEDED", submitted["logs"][-4000:]
-    logs, root = submitted["logs"], submitted["root"]
+    logs, view, root = submitted["logs"], submitted["view"], submitted["root"]
     assert "[ray] joining the cluster at 127.0.0.1:" in logs
-    assert sorted(a.split("-")[0] for a in submitted["artifacts"]) == ["data", "model", "sft"]
-    (sft,) = root.glob("sft/sft-*")
+    assert sorted(a.split("-")[0] for a in submitted["artifacts"]) == STAGES
+    assert f"run root: {root}" in logs and f"report: {root}/report/report-" in logs
+    (sft,) = view.glob("sft/sft-*")
     table = pd.read_parquet(sft / "trials.parquet")
     assert sorted(table["config/lora_alpha"]) == [8, 16]
     for adapter in table["adapter"]:
         assert (sft / adapter / "adapter_model.safetensors").is_file()
-    assert not staging_leftovers(root)
-    assert_no_planted_tokens(root, logs)
+    # Stages name their inputs by the bucket's URIs, never by a node's local copy.
+    (dpo,) = (m for a, m in submitted["artifacts"].items() if a.startswith("dpo-"))
+    assert all(v.startswith(f"{root}/") for v in dpo["inputs"].values()), dpo["inputs"]
+    assert dpo["path"].startswith(f"{root}/dpo/dpo-")
+    assert not partial_artifacts(view)
+    assert_no_planted_tokens(view, logs)
+    # The results load into pandas in one call, from the bucket itself (endpoint and keys from the environment).
+    from analysis.run import load_run
+
+    for key, value in s3.env.items():
+        monkeypatch.setenv(key, value)
+    run = load_run(root)
+    assert {"base", "soup/delta_mean", "dpo/round1"} <= set(run.eval["variant"]) and len(run.trials) == 3
 
 
 def test_trials_ran_on_the_second_node(cluster, submitted):
@@ -215,12 +271,24 @@ def test_trials_ran_on_the_second_node(cluster, submitted):
     second = next(n["node_id"] for n in nodes if not n["is_head_node"])
     actors = cluster.api("/api/v0/actors?detail=true&limit=1000")["data"]["result"]["result"]
     trials = [a for a in actors if a["class_name"].endswith("ImplicitFunc")]
-    assert len(trials) == 2 and all(a["node_id"] == second for a in trials), (head, second, trials)
-    # The results reached the run root: the trial table, each trial's adapter and Tune's state.
-    (sft,) = submitted["root"].glob("sft/sft-*")
+    pools = [a for a in actors if a["class_name"].startswith("MapWorker(")]
+    # Two SFT trials and the DPO trial; the pairs generator and judge and the eval answerer.
+    assert len(trials) == 3 and len(pools) >= 3, (trials, pools)
+    assert all(a["node_id"] == second for a in trials + pools), (head, second, trials, pools)
+    # The results reached the bucket: the trial table, each trial's adapter and Tune's state.
+    view = submitted["view"]
+    (sft,) = view.glob("sft/sft-*")
     assert len(pd.read_parquet(sft / "trials.parquet")) == 2
-    assert len(trial_dirs(submitted["root"])) == 2
-    assert all(list(d.glob("checkpoint_*")) for d in trial_dirs(submitted["root"]))
+    assert len(trial_dirs(view)) == 2
+    assert all(list(d.glob("checkpoint_*")) for d in trial_dirs(view))
+    # No shared disk: the second node fetched what its trials and actors loaded from the bucket into its
+    # own temp folder. The driver, on the head, copied only what it reads itself (the processor, the splits,
+    # the pairs it checks); tables it reads in place, and no adapter at all.
+    fetched = cached_artifacts(cluster.node_tmp("node1"))
+    ids = {a.split("-")[0]: a for a in submitted["artifacts"]}
+    assert {ids["model"], ids["data"], ids["sft"], ids["soup"], ids["pairs"], ids["dpo"]} <= fetched, fetched
+    on_head = cached_artifacts(cluster.node_tmp("head"))
+    assert ids["model"] in on_head and not on_head & {ids["sft"], ids["soup"], ids["dpo"]}, on_head
     # Every connection of this cluster's processes stays on loopback.
     procs = [psutil.Process(p.pid) for p in cluster.nodes]
     procs += [c for p in list(procs) for c in p.children(recursive=True)]
@@ -234,50 +302,61 @@ def test_trials_ran_on_the_second_node(cluster, submitted):
 
 
 @pytest.fixture(scope="module")
-def interrupted(cluster, submitted, tmp_path_factory):
+def interrupted(cluster, s3, submitted, tmp_path_factory):
     """The same run with two faults: a trial's worker killed after its first checkpoint, then the driver killed
     after that trial finished, while the second one trains; then the same command again."""
     work = tmp_path_factory.mktemp("interrupted")
-    root = work / "run"
-    copy_first_stages(submitted["root"], root)  # saves building the tiny base again
+    root = f"s3://{BUCKET}/interrupted/run"
+    copy_first_stages(s3, submitted, root)  # saves building the tiny base again
+
+    def view() -> Path:
+        return s3.mirror(root, work / "view")
+
     # One trial at a time, so the first one finishes while the second one is still to run.
     cmd = driver_cmd(root, "resources.max_concurrent_trials=1")
     with open(work / "first.log", "w") as log:
         first = subprocess.Popen(cmd, env=driver_env(cluster), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         try:
-            trial_fault = kill_a_trial_worker(cluster, root, first)
+            trial_fault = kill_a_trial_worker(cluster, view, first)
             (done_dir,) = wait_for(
-                lambda: mid_grid(root), 240, "one finished trial, the other one to run", first
+                lambda: mid_grid(view()), 240, "one finished trial, the other one to run", first
             )
             first.send_signal(signal.SIGKILL)
             first.wait(30)
         finally:
             if first.poll() is None:
                 first.kill()
-    sft_before_rerun = list(root.glob("sft/sft-*"))
-    done_rows = len(results(done_dir))
+    killed_view = view()
+    done = done_dir.relative_to(work / "view")
+    done_rows = len(results(killed_view / done))
+    killed = {"artifacts": set(artifacts(killed_view)), "sft_keys": s3.listing(f"{root}/sft")}
     again = subprocess.run(
         cmd, env=driver_env(cluster), cwd=REPO, capture_output=True, text=True, timeout=300
     )
+    final = s3.mirror(root, work / "final")
     return {
         "root": root,
-        "trial_fault": trial_fault,
-        "done_dir": done_dir,
+        "view": final,
+        "trial_fault": {
+            **trial_fault,
+            "trial_dir": final / trial_fault["trial_dir"].relative_to(work / "view"),
+        },
+        "done_dir": final / done,
         "done_rows": done_rows,
-        "sft_before_rerun": sft_before_rerun,
+        "killed": killed,
         "rerun": again,
         "first_log": (work / "first.log").read_text(),
     }
 
 
-def kill_a_trial_worker(cluster: LocalRayCluster, root: Path, driver: subprocess.Popen) -> dict:
+def kill_a_trial_worker(cluster: LocalRayCluster, view, driver: subprocess.Popen) -> dict:
     """SIGKILL the running trial's worker process right after its first checkpoint."""
 
     def first_checkpoint():
-        # Registered by the driver (in result.json), not just written: a checkpoint the driver has not yet
-        # heard of when the worker dies cannot be restored, and the trial would rightly start over.
+        # Registered by the driver (in result.json, synced to the bucket), not just written: a checkpoint the
+        # driver has not yet heard of when the worker dies cannot be restored, and the trial would start over.
         return next(
-            (d for d in trial_dirs(root) if any(r.get("checkpoint_dir_name") for r in results(d))), None
+            (d for d in trial_dirs(view()) if any(r.get("checkpoint_dir_name") for r in results(d))), None
         )
 
     trial_dir = wait_for(first_checkpoint, 240, "a trial's first checkpoint", driver)
@@ -307,7 +386,6 @@ def test_killed_trial_worker_restarts_from_its_checkpoint(interrupted, capsys):
     # Resumed from the checkpoint: the new process's first step is past it, not step 1 again.
     assert min(r["step"] for r in restarted if "step" in r) > checkpoint_step
     assert restarted[-1]["epoch"] == 3 and "train_examples" in restarted[-1]
-    finished_at = (fault["trial_dir"] / "result.json").stat().st_mtime
     fault_summary(
         capsys,
         "trial worker SIGKILL after its first checkpoint",
@@ -315,41 +393,46 @@ def test_killed_trial_worker_restarts_from_its_checkpoint(interrupted, capsys):
         survived=1,
         rows_lost=0 if finished(fault["trial_dir"]) else 1,
         resumed_after_step=checkpoint_step,
-        finished_s_after_kill=f"{finished_at - fault['killed_at']:.0f}",
     )
 
 
 def test_killed_driver_resumes_without_retraining(interrupted, submitted, capsys):
     """SIGKILL of the driver mid-grid; the same command again skips finished stages and trials and ends in the
-    uninterrupted run's artifacts, with nothing half-written left."""
-    root, again = interrupted["root"], interrupted["rerun"]
+    uninterrupted run's artifacts, with nothing half-written listed in the bucket at any point."""
+    view, again = interrupted["view"], interrupted["rerun"]
     output = again.stdout + again.stderr
     assert again.returncode == 0, output[-4000:]
-    assert not interrupted["sft_before_rerun"], "the SFT artifact cannot exist before the grid ended"
+    # While the driver lay dead, the bucket listed model and data alone: no SFT artifact, not even a partial one.
+    killed = interrupted["killed"]
+    assert sorted(a.split("-")[0] for a in killed["artifacts"]) == ["data", "model"]
+    assert all(k.startswith("_tune/") for k in killed["sft_keys"]), killed["sft_keys"]
     assert "[model] model-" in output and "[data] data-" in output and "already complete, skipped" in output
-    assert "resuming Tune experiment" in output
+    assert f"resuming Tune experiment {interrupted['root']}/sft/_tune/sft-" in output
     assert len(results(interrupted["done_dir"])) == interrupted["done_rows"], "a finished trial trained again"
 
-    resumed = artifacts(root)
-    assert set(resumed) == set(submitted["artifacts"])
+    resumed = artifacts(view)
+    first_stages = {
+        a: m for a, m in submitted["artifacts"].items() if a.split("-")[0] in ("model", "data", "sft")
+    }
+    assert set(resumed) == set(first_stages)
     for artifact_id, manifest in resumed.items():
-        assert manifest["config"] == submitted["artifacts"][artifact_id]["config"]
-    (sft,) = root.glob("sft/sft-*")
-    (reference,) = submitted["root"].glob("sft/sft-*")
+        assert manifest["config"] == first_stages[artifact_id]["config"]
+    (sft,) = view.glob("sft/sft-*")
+    (reference,) = submitted["view"].glob("sft/sft-*")
     table, expected = pd.read_parquet(sft / "trials.parquet"), pd.read_parquet(reference / "trials.parquet")
     assert sorted(table["config/lora_alpha"]) == sorted(expected["config/lora_alpha"])
     assert table["eval_loss"].notna().all() and (table["epoch"] == 3).all()
-    assert not staging_leftovers(root)
+    assert not partial_artifacts(view)
 
     def data_rows(arts: dict) -> int:
         return sum(next(m for a, m in arts.items() if a.startswith("data-"))["metrics"]["rows"].values())
 
     rows_lost = (len(expected) - len(table)) + (data_rows(submitted["artifacts"]) - data_rows(resumed))
     assert rows_lost == 0
-    assert_no_planted_tokens(root, output, interrupted["first_log"])
+    assert_no_planted_tokens(view, output, interrupted["first_log"])
     fault_summary(
         capsys,
-        "driver SIGKILL mid-grid",
+        "driver SIGKILL mid-grid (bucket run root)",
         tried=1,
         survived=1,
         rows_lost=rows_lost,
@@ -403,12 +486,12 @@ def kill_ray_data_actors(cluster: LocalRayCluster, driver: subprocess.Popen) -> 
     }
 
 
-def test_killed_ray_data_actors_lose_no_rows(cluster, submitted, tmp_path, capsys):
+def test_killed_ray_data_actors_lose_no_rows(cluster, s3, submitted, tmp_path, capsys):
     """The pairs stage with its generator and judge actors SIGKILLed mid-pipeline: Ray restarts both
     (Ray Data's max_restarts=-1), retries the batches they held (max_task_retries=-1), and the artifact has every input
     prompt exactly once."""
-    root = tmp_path / "run"
-    copy_first_stages(submitted["root"], root, ("model", "data", "sft"))  # pairs is the only stage to run
+    root = f"s3://{BUCKET}/pairs-faults/run"
+    copy_first_stages(s3, submitted, root, ("model", "data", "sft"))  # pairs is the only stage to run
     cmd = driver_cmd(root, *PAIRS_SMALL, driver="ray_jobs.pairs")
     with open(tmp_path / "pairs.log", "w") as log:
         driver = subprocess.Popen(
@@ -452,9 +535,10 @@ def test_killed_ray_data_actors_lose_no_rows(cluster, submitted, tmp_path, capsy
     retried = {t["task_id"] for t in tasks if t["attempt_number"] >= 1 and t["state"] == "FINISHED"}
 
     # Rows: every train prompt judged exactly once (samples.parquet holds k rows per judged prompt).
-    (pairs_dir,) = root.glob("pairs/pairs-*")
-    manifest = artifacts(root)[pairs_dir.name]
-    (train,) = root.glob("data/data-*/train.parquet")
+    view = s3.mirror(root, tmp_path / "view")
+    (pairs_dir,) = view.glob("pairs/pairs-*")
+    manifest = artifacts(view)[pairs_dir.name]
+    (train,) = view.glob("data/data-*/train.parquet")
     expected = pd.read_parquet(train, columns=["example_id"])["example_id"].astype(str)
     assert expected.is_unique and len(expected) > fault["batches_done"]
     k = manifest["config"]["k"]
@@ -478,5 +562,5 @@ def test_killed_ray_data_actors_lose_no_rows(cluster, submitted, tmp_path, capsy
     assert set(per_prompt.index) == set(expected) and (per_prompt == k).all()
     assert not samples.duplicated(["example_id", "sample"]).any()
     assert manifest["metrics"]["prompts"] == len(expected)
-    assert not staging_leftovers(root)
-    assert_no_planted_tokens(root, output)
+    assert not partial_artifacts(view)
+    assert_no_planted_tokens(view, output)
