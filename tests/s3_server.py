@@ -87,12 +87,23 @@ class LocalS3:
         return f"s3://{name}"
 
     def mirror(self, uri: str, dest: Path) -> Path:
-        """A local copy of everything under ``uri`` (replacing ``dest``), for the Path-based assertions."""
+        """A local copy of everything under ``uri`` (replacing ``dest``), for the Path-based assertions.
+
+        File by file: while a run goes on, an object listed a moment ago can be gone (Tune deletes old
+        checkpoints); such a file is left out, as a listing a moment later would have left it out."""
         shutil.rmtree(dest, ignore_errors=True)
         dest.mkdir(parents=True)
-        path = uri.removeprefix("s3://")
-        if self.fs.get_file_info(path).type == pafs.FileType.Directory:
-            pafs.copy_files(path, str(dest), source_filesystem=self.fs)
+        fs, path = self.fs, uri.removeprefix("s3://").rstrip("/")
+        for info in fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True)):
+            if info.type != pafs.FileType.File:
+                continue
+            target = dest / info.path[len(path) + 1 :]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                with fs.open_input_stream(info.path) as f:
+                    target.write_bytes(f.read())
+            except FileNotFoundError:
+                continue
         return dest
 
     def copy(self, source: str, dest: str) -> None:

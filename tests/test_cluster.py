@@ -235,6 +235,9 @@ def submitted(cluster, s3, tmp_path_factory):
 
     state = wait_for(status, 600, f"job {job_id}")
     logs = cluster.api(f"/api/jobs/{job_id}/logs")["logs"]
+    # Credentials reach the nodes through their own environment: the job's runtime env carries none.
+    runtime_env = json.dumps(cluster.api(f"/api/jobs/{job_id}")["runtime_env"])
+    assert "AWS_" not in runtime_env and PLANTED["AWS_SECRET_ACCESS_KEY"] not in runtime_env, runtime_env
     view = s3.mirror(root, tmp_path_factory.mktemp("submitted") / "run")
     return {"root": root, "view": view, "state": state, "logs": logs, "artifacts": artifacts(view)}
 

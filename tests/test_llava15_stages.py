@@ -17,7 +17,7 @@ import pytest
 from vlm_posttrain import prompts
 from vlm_posttrain.config import load_config
 from vlm_posttrain.data import load_split
-from vlm_posttrain.store import RunStore
+from vlm_posttrain.store import RunStore, join
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -116,7 +116,7 @@ def run(llava15_legacy_dir, shared_data, tmp_path_factory, local_ray):
     out["data"] = data_job.run(cfg, store)
     out["sft"] = sft_job.run(cfg, store, out["base"], out["data"])
     out["soup"] = soup_job.run(cfg, store, out["base"], out["data"], out["sft"])
-    policy = store.in_artifact(out["soup"], soup_job.ADAPTER)
+    policy = join(out["soup"], soup_job.ADAPTER)
     out["pairs"] = pairs_job.run(cfg, store, out["base"], out["data"], policy)
     pairs = pairs_from_samples(out["pairs"], out["data"], root / "pairs-from-samples")
     out["dpo"] = dpo_job.run(cfg, store, out["base"], policy, str(pairs), 1)

@@ -66,12 +66,13 @@ def test_stage_key_leaves_out_execution_settings_and_reads_inputs_by_id(tiny_con
     assert "rounds" not in tiny_config().keyed("dpo") and "rounds" in tiny_config().section("dpo")
 
 
-def test_refs_and_in_artifact(tmp_path):
+def test_refs_and_joins(tmp_path):
     store = RunStore(tmp_path / "run")
     assert store.ref(f"{store.base}/soup/soup-k/adapter") == "soup/soup-k/adapter"
     assert store.ref("llava-hf/llava-1.5-7b-hf") == "llava-hf/llava-1.5-7b-hf"  # a hub id stays as it is
     assert store.ref(str(tmp_path / "elsewhere")) == str(tmp_path / "elsewhere")
-    assert store.in_artifact(store.artifact_path("dpo", "k"), "adapter") == f"{store.base}/dpo/dpo-k/adapter"
+    assert join(store.artifact_path("dpo", "k"), "adapter") == f"{store.base}/dpo/dpo-k/adapter"
+    assert join("s3://b/run/dpo/dpo-k/", "adapter") == "s3://b/run/dpo/dpo-k/adapter"  # Path would fold "//"
 
 
 # ---- a bucket root, on a local S3 server (tests/s3_server.py) ----------------------------------------------

@@ -179,11 +179,6 @@ class RunStore:
         ids = {k: self.ref(v) if isinstance(v, (str, os.PathLike)) else v for k, v in inputs.items()}
         return digest(stage, section, ids, seed)
 
-    def in_artifact(self, artifact_path: str, *parts: str) -> str:
-        """A path inside a published artifact, on this machine (a cached copy when the run root is remote):
-        ``store.in_artifact(soup_dir, FILES["soup"]["adapter"])``."""
-        return join(local_copy(artifact_path), *parts)
-
     def artifact_id(self, stage: str, key: str) -> str:
         if stage not in STAGES:
             raise ValueError(f"stage '{stage}': unknown; stages are {', '.join(STAGES)}")
@@ -248,10 +243,6 @@ class RunStore:
         if data is None:
             raise FileNotFoundError(f"{artifact_path}: no complete artifact there; run its stage again")
         return data
-
-    def local_path(self, stage: str, key: str) -> Path:
-        """A local folder holding the artifact (the artifact itself on a local root, a cached copy otherwise)."""
-        return Path(local_copy(self.artifact_path(stage, key)))
 
     def staging(self, stage: str, key: str) -> Path:
         """A fresh local folder to build an artifact in; on a local root it sits beside its final place."""
