@@ -60,9 +60,10 @@ def local_copy(location: str | os.PathLike) -> str:
     """A local path for an artifact location: a local path as it is; a URI copied once into this machine's cache.
 
     Inside a published artifact (``<root>/<stage>/<stage>-<key>/...``) the whole artifact is copied, manifest
-    and all, and the copy counts only once its manifest is there: a killed copy is never taken for a finished
-    one, and two processes copying at once each rename a finished copy into place. Published artifacts never
-    change (their key is their content), so a cached copy stays valid.
+    and all, and only a published one (its manifest is there). The copy is made under a temporary name and
+    renamed when whole: a killed copy is never taken for a finished one, and of two processes copying at once
+    the first rename wins. Published artifacts never change (their key is their content), so a cached copy
+    stays valid. The cache is under ``$TMPDIR``: point it at a disk with room for the artifacts a node loads.
     """
     location = str(location)
     if not is_uri(location):
