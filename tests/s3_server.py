@@ -102,8 +102,10 @@ class LocalS3:
             try:
                 with fs.open_input_stream(info.path) as f:
                     target.write_bytes(f.read())
-            except FileNotFoundError:
-                continue
+            except OSError:  # pyarrow raises S3's RESOURCE_NOT_FOUND as a plain OSError
+                if fs.get_file_info(info.path).type != pafs.FileType.NotFound:
+                    raise
+                target.unlink(missing_ok=True)
         return dest
 
     def copy(self, source: str, dest: str) -> None:
