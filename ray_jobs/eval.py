@@ -61,14 +61,14 @@ def _processor(base_dir: str, trust_remote_code: bool):
     # Once per worker process: Ray reuses a task's worker for the next batch.
     from vlm_posttrain import modeling
 
-    return modeling.load_processor(base_dir, trust_remote_code)
+    return modeling.load_processor(local_copy(base_dir), trust_remote_code)
 
 
 def prepare_batch(batch: pd.DataFrame, base_dir: str, trust_remote_code: bool) -> pd.DataFrame:
     """Ray Data task: a batch of tasks with their images and prompts through the policy's processor."""
     from vlm_posttrain.eval import prepare_tasks
 
-    return prepare_tasks(_processor(local_copy(base_dir), trust_remote_code), batch)
+    return prepare_tasks(_processor(base_dir, trust_remote_code), batch)
 
 
 class ScoreWithCritic:

@@ -217,7 +217,7 @@ class RunStore:
         found = []
         for stage in STAGES:
             folders = self.fs.get_file_info(pafs.FileSelector(f"{self.base}/{stage}", allow_not_found=True))
-            for info in sorted(folders, key=lambda i: i.path):
+            for info in folders:
                 name = info.path.rsplit("/", 1)[-1]
                 if info.type != pafs.FileType.Directory or not name.startswith(f"{stage}-"):
                     continue  # staging folders (``.<id>.tmp-*``) and Tune's ``_tune``
