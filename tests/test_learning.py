@@ -36,9 +36,15 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """The embedded default's base and a smaller data split of its families (test split >= 96)."""
+    """The embedded default's base and data, as they are (123 test charts with the shipped seed).
+
+    Not a smaller split: the tiny world's training is chaotic, so a CPU with other vector units (AVX-512 vs
+    AVX2) is another draw of the base, and on 480 charts one base in six on one CPU answered "Yes" to
+    every unseen question with SFT moving no answer, another gained with shifted labels. On the default's
+    720 the gain's interval was above 25 and the shifted labels' at or below 0 for six base seeds.
+    """
     root = tmp_path_factory.mktemp("learning")
-    cfg = load_config(CONFIG, ["data.limit=480", "data.val_fraction=0.05", "data.test_fraction=0.25"])
+    cfg = load_config(CONFIG)
     build_tiny_base(root / "base", cfg.model.tiny_pretrain_examples, cfg.model.tiny_pretrain_epochs, seed=0)
     build_splits(cfg.data, cfg.run.seed, root / "data")
     return cfg, root
