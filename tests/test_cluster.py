@@ -3,7 +3,7 @@ trial, a killed driver, killed Ray Data actors.
 
 One cluster on 127.0.0.1 for the module: a head with no CPUs (like cluster.yaml's head: drivers only) and a
 second node (``ray start --address``) with the CPUs, so every trial, task and actor must run there. No shared
-filesystem: the run root is ``s3://`` on a local S3 server (moto on loopback, tests/s3_server.py), and each
+filesystem: the run root is ``s3://`` on a local S3 server (moto on loopback, tests/bucket_servers.py), and each
 node has a temp folder of its own (TMPDIR), so a node sees only what it fetches from the bucket itself.
 Credentials and the endpoint reach the nodes through their environment only (as an instance role would),
 never through the config or the job's runtime env. Token auth with a fresh token in the environment of every
@@ -32,8 +32,8 @@ import pandas as pd
 import psutil
 import pytest
 
+from tests.bucket_servers import LocalS3
 from tests.ray_cluster import REPO, LocalRayCluster
-from tests.s3_server import LocalS3
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 

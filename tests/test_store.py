@@ -48,6 +48,12 @@ def test_file_uri_root_is_local(tmp_path):
     assert store.is_local and store.uri("sft", "_tune") == f"{tmp_path}/sft/_tune"
 
 
+def test_a_root_uri_with_query_options_is_refused_naming_the_fix():
+    # "?endpoint_override=..." would end up in the middle of every artifact path joined onto the root.
+    with pytest.raises(ValueError, match=r"run.root 's3://b/run\?endpoint_override=x': .*AWS_ENDPOINT_URL"):
+        RunStore("s3://b/run?endpoint_override=x")
+
+
 def _soup_key(store: RunStore, cfg, sft: str) -> str:
     return store.stage_key("soup", cfg.keyed("soup"), {"sft": f"{store.base}/sft/{sft}"}, cfg.run.seed)
 
@@ -75,27 +81,27 @@ def test_refs_and_joins(tmp_path):
     assert join("s3://b/run/dpo/dpo-k/", "adapter") == "s3://b/run/dpo/dpo-k/adapter"  # Path would fold "//"
 
 
-# ---- a bucket root, on a local S3 server (tests/s3_server.py) ----------------------------------------------
+# ---- a bucket root, on a local S3 server and a local GCS emulator (tests/bucket_servers.py) ----------------
 
 
-@pytest.fixture(scope="module")
-def s3():
-    from tests.s3_server import LocalS3
+@pytest.fixture(scope="module", params=["s3", "gs"])
+def server(request):
+    from tests.bucket_servers import LocalGCS, LocalS3
 
-    with LocalS3() as server:
-        server.create_bucket("store-test")
-        yield server
+    with {"s3": LocalS3, "gs": LocalGCS}[request.param]() as local:
+        local.create_bucket("store-test")
+        yield local
 
 
 @pytest.fixture
-def bucket(s3, monkeypatch, tmp_path):
+def bucket(server, monkeypatch, tmp_path):
     """A fresh bucket prefix; the endpoint and keys in this process's environment only, this test's own cache."""
-    for key, value in s3.env.items():
+    for key, value in server.env.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("TMPDIR", str(tmp_path / "node-tmp"))
     (tmp_path / "node-tmp").mkdir()
     tempfile.tempdir = None  # gettempdir() reads TMPDIR again
-    yield f"s3://store-test/{tmp_path.name}"
+    yield f"{server.uri('store-test')}/{tmp_path.name}"
     tempfile.tempdir = None
 
 
@@ -107,25 +113,30 @@ def _publish(store: RunStore, stage: str, key: str, files: dict[str, bytes]) -> 
     return store.publish(staging, stage, key, build_manifest(stage, {}, {}, seed=0))
 
 
-def test_bucket_root_publishes_manifest_last_and_lists_only_complete_artifacts(s3, bucket):
+def test_bucket_root_publishes_manifest_last_and_lists_only_complete_artifacts(server, bucket):
     store = RunStore(f"{bucket}/run")
     assert not store.is_local and store.uri() == f"{bucket}/run"
     path = _publish(
         store, "sft", "k1", {"trials.parquet": b"t", "adapters/t0/adapter_model.safetensors": b"a"}
     )
     assert path == f"{bucket}/run/sft/sft-k1" and store.manifest("sft", "k1")["path"] == path
-    assert s3.listing(path) == ["adapters/t0/adapter_model.safetensors", "manifest.json", "trials.parquet"]
+    assert server.listing(path) == [
+        "adapters/t0/adapter_model.safetensors",
+        "manifest.json",
+        "trials.parquet",
+    ]
+    assert store.has_file(path, "trials.parquet") and not store.has_file(path, "eval.parquet")
     # An upload killed before its manifest: listed nowhere, and its files do not survive a new publish.
-    with s3.fs.open_output_stream(f"{bucket.removeprefix('s3://')}/run/soup/soup-k2/stale.bin") as f:
+    with server.fs.open_output_stream(f"{server.key(bucket)}/run/soup/soup-k2/stale.bin") as f:
         f.write(b"partial")
     assert store.manifest("soup", "k2") is None
     assert [a["artifact"] for a in store.complete_artifacts()] == ["sft-k1"]
     _publish(store, "soup", "k2", {"adapter/adapter_config.json": b"{}"})
-    assert s3.listing(f"{bucket}/run/soup/soup-k2") == ["adapter/adapter_config.json", "manifest.json"]
+    assert server.listing(f"{bucket}/run/soup/soup-k2") == ["adapter/adapter_config.json", "manifest.json"]
     assert [a["location"] for a in store.complete_artifacts()] == [path, f"{bucket}/run/soup/soup-k2"]
 
 
-def test_local_copy_fetches_a_whole_artifact_once_into_this_machines_cache(s3, bucket, tmp_path):
+def test_local_copy_fetches_a_whole_artifact_once_into_this_machines_cache(server, bucket, tmp_path):
     store = RunStore(f"{bucket}/run")
     path = _publish(
         store, "sft", "k1", {"adapters/t0/adapter_model.safetensors": b"a", "trials.parquet": b"t"}
@@ -135,10 +146,10 @@ def test_local_copy_fetches_a_whole_artifact_once_into_this_machines_cache(s3, b
     assert (Path(adapter) / "adapter_model.safetensors").read_bytes() == b"a"
     # The whole artifact came with it (manifest included), and the next call reads no byte from the bucket.
     assert (Path(adapter).parents[1] / "manifest.json").is_file()
-    s3.fs.delete_dir(path.removeprefix("s3://"))
+    server.fs.delete_dir(server.key(path))
     assert local_copy(join(path, "trials.parquet")) == str(Path(adapter).parents[1] / "trials.parquet")
     # Something never published (or only half uploaded) is an error naming it, never an empty folder.
-    with pytest.raises(FileNotFoundError, match=r"s3://store-test/.*/run/dpo/dpo-none: not a published"):
+    with pytest.raises(FileNotFoundError, match=rf"{bucket}/run/dpo/dpo-none: not a published"):
         local_copy(join(store.artifact_path("dpo", "none"), "adapter"))
     assert local_copy(str(tmp_path)) == str(tmp_path)  # a local path stays as it is
 
@@ -147,7 +158,8 @@ def test_keys_are_the_same_on_a_local_and_a_bucket_root(bucket, tiny_config, tmp
     local, remote = RunStore(tmp_path / "run"), RunStore(f"{bucket}/run")
     assert remote.ref(f"{bucket}/run/soup/soup-k/adapter") == "soup/soup-k/adapter"
     assert remote.ref(str(cache_path(f"{bucket}/run") / "soup/soup-k/adapter")) == "soup/soup-k/adapter"
-    assert remote.ref("s3://other-bucket/run/soup/soup-k") == "s3://other-bucket/run/soup/soup-k"
+    other = f"{bucket.split('://')[0]}://other-bucket/run/soup/soup-k"
+    assert remote.ref(other) == other
     cfg = tiny_config()
     keys = [
         s.stage_key("soup", cfg.keyed("soup"), {"sft": s.artifact_path("sft", "x")}, 0)
@@ -166,5 +178,5 @@ def test_load_run_reads_a_bucket_root(bucket):
     run = load_run(store.root)
     assert run.root == store.root and list(run.trials["trial_id"]) == ["t0", "t1"]
     assert list(run.manifests["path"]) == [f"{bucket}/run/sft/sft-k1"]
-    with pytest.raises(FileNotFoundError, match="run root 's3://store-test/.*/nothing' not found"):
+    with pytest.raises(FileNotFoundError, match=f"run root '{bucket}/nothing' not found"):
         load_run(f"{bucket}/nothing")

@@ -139,22 +139,26 @@ class RunStore:
     def __init__(self, root: str | os.PathLike):
         root = str(root)
         if is_uri(root):
+            if "?" in root or "#" in root:
+                raise ValueError(
+                    f"run.root '{root}': a URI with query options cannot be joined into artifact paths; give "
+                    "the endpoint in the environment instead (AWS_ENDPOINT_URL, CLOUD_STORAGE_EMULATOR_ENDPOINT)"
+                )
             self.fs, self.base = pafs.FileSystem.from_uri(root)
             self.base = self.base.rstrip("/")
-            self.scheme = root.split("://", 1)[0]
+            # Spelled as given ("gs://anonymous@bucket/run" keeps its user): every process resolves it alike.
+            self._root_uri = root.rstrip("/")
             self.is_local = False
         else:
             self.fs = pafs.LocalFileSystem()
             self.base = str(Path(root.removeprefix("file://")).expanduser().resolve())
-            self.scheme = ""
             self.is_local = True
         self.root = root
 
     def uri(self, *parts: str) -> str:
         """A location under the root as every process names it (Ray Tune, Ray Data, pandas, :func:`local_copy`):
-        a local path, or ``scheme://bucket/prefix/...``."""
-        path = "/".join([self.base, *parts])
-        return path if self.is_local else f"{self.scheme}://{path}"
+        a local path, or the root's URI followed by ``/``-joined parts."""
+        return "/".join([self.base if self.is_local else self._root_uri, *parts])
 
     def ref(self, path: str | os.PathLike) -> str:
         """An input's id: a location inside the root (a path, a URI, or this machine's copy of a remote root)
@@ -216,20 +220,32 @@ class RunStore:
         gives it); a folder without a manifest (a build or an upload in progress, or killed) is not listed."""
         found = []
         for stage in STAGES:
-            folders = self.fs.get_file_info(pafs.FileSelector(f"{self.base}/{stage}", allow_not_found=True))
-            for info in folders:
-                name = info.path.rsplit("/", 1)[-1]
-                if info.type != pafs.FileType.Directory or not name.startswith(f"{stage}-"):
-                    continue  # staging folders (``.<id>.tmp-*``) and Tune's ``_tune``
-                data = self._read_manifest(f"{info.path}/{MANIFEST}")
-                if data is not None:
-                    found.append({**data, "location": self.uri(stage, name)})
+            # Every object's path, then the manifests one level down: pyarrow's GCS lists no folder that is only
+            # a prefix of objects when the listing is not recursive (apache/arrow#35993).
+            stage_dir = f"{self.base}/{stage}"
+            for info in self.fs.get_file_info(
+                pafs.FileSelector(stage_dir, recursive=True, allow_not_found=True)
+            ):
+                folder, file = info.path.rsplit("/", 1)
+                parent, name = folder.rsplit("/", 1)
+                # Not staging folders (``.<id>.tmp-*``) nor Tune's ``_tune``.
+                if file == MANIFEST and parent == stage_dir and name.startswith(f"{stage}-"):
+                    data = self._read_manifest(info.path)
+                    if data is not None:
+                        found.append({**data, "location": self.uri(stage, name)})
         return sorted(found, key=lambda a: a["location"])
 
     def has_file(self, artifact_path: str, name: str) -> bool:
         """Whether a published artifact holds a file (checked where it lies)."""
-        path = join(artifact_path, name).split("://", 1)[-1]
-        return self.fs.get_file_info(path).type == pafs.FileType.File
+        return self.fs.get_file_info(self._fs_location(join(artifact_path, name))).type == pafs.FileType.File
+
+    def _fs_location(self, location: str) -> str:
+        """A location under the root as a path on ``self.fs``."""
+        if self.is_local:
+            return location
+        if not location.startswith(self._root_uri + "/"):
+            raise ValueError(f"{location}: not under the run root {self._root_uri}")
+        return self.base + location.removeprefix(self._root_uri)
 
     def read_table(self, artifact_path: str, name: str):
         """A parquet table of an artifact, read where it lies (no copy of the rest of the artifact)."""
@@ -285,7 +301,8 @@ class RunStore:
         (staging / MANIFEST).unlink(missing_ok=True)
         if self.fs.get_file_info(final).type != pafs.FileType.NotFound:
             # An upload killed before its manifest: not an artifact, and none of its files may survive into this one.
-            self.fs.delete_dir(final)
+            # Its contents, not the folder: on GCS a folder that is only a prefix has no object to delete.
+            self.fs.delete_dir_contents(final, missing_dir_ok=True)
         pafs.copy_files(str(staging), final, destination_filesystem=self.fs)
         with self.fs.open_output_stream(f"{final}/{MANIFEST}") as f:
             f.write(json.dumps(manifest, indent=2, default=str).encode())
