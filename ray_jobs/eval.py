@@ -2,7 +2,7 @@
 
 ``test.parquet`` (first ``eval.limit`` examples) x variants x system prompts becomes one task table ->
 ``map_batches(AnswerTests)`` on an actor pool (each actor loads the base once and attaches every variant's
-adapter by name) -> ``map_batches(score_reference)`` and/or ``map_batches(ScoreWithCritic)`` (the critic
+adapter by name) -> ``map_batches(reference_scores)`` and/or ``map_batches(ScoreWithCritic)`` (the critic
 loaded once per actor) -> ``eval.parquet``: one row per (variant, system prompt, example, sample) with
 the answer, token count, latency and every judge's score and raw text.
 
@@ -156,7 +156,7 @@ def answer_dataset(cfg: ExperimentConfig, base_dir: str, data_dir: str, variants
         **actor_options(e),
     )
     if "reference" in e.judges:
-        from vlm_posttrain.eval import reference_scores
+        from vlm_posttrain.reference import reference_scores
 
         ds = ds.map_batches(reference_scores, batch_format="pandas")
     if "critic" in e.judges:

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from vlm_posttrain.data import decode_image, load_split
-from vlm_posttrain.eval import CriticScorer, parse_critic_score, reference_scores
+from vlm_posttrain.eval import CriticScorer, parse_critic_score
+from vlm_posttrain.reference import reference_scores
 
 CRITIC_OUTPUTS = [
     # (critic text, score it states on 0-100)

@@ -299,7 +299,7 @@ def test_readings_say_why_they_are_ambiguous() -> None:
 def test_reference_scores_fill_the_ambiguous_column() -> None:
     import pandas as pd
 
-    from vlm_posttrain.eval import reference_scores
+    from vlm_posttrain.reference import reference_scores
 
     rows = pd.DataFrame(
         {

@@ -33,7 +33,6 @@ from vlm_posttrain import modeling, prompts
 from vlm_posttrain.config import EvalConfig, ModelConfig
 from vlm_posttrain.data import decode_image
 from vlm_posttrain.generation import Generator, Sampling, derive_seed, encode_rows
-from vlm_posttrain.reference import judge_reference
 
 # PEFT's name for "no adapter" in a mixed-adapter batch.
 BASE_ADAPTER = "__base__"
@@ -158,25 +157,6 @@ class VariantAnswerer:
                     }
                 )
         return rows
-
-
-def reference_scores(rows: pd.DataFrame) -> pd.DataFrame:
-    """``reference/score``, ``reference/raw`` (the rule used) and ``reference/ambiguous`` for every answer.
-
-    ``reference/ambiguous`` is True where the answer offers competing readings ("30 or 40", "yes and no"); such
-    a row is still scored, by its first reading (see :mod:`vlm_posttrain.reference`).
-    """
-    judged = [
-        judge_reference(a, r, t or None)
-        for a, r, t in zip(rows["answer"], rows["reference"], rows["answer_type"], strict=True)
-    ]
-    return rows.assign(
-        **{
-            "reference/score": [j.score for j in judged],
-            "reference/raw": rows["answer_type"].fillna(""),
-            "reference/ambiguous": pd.Series([j.ambiguous for j in judged], index=rows.index, dtype=bool),
-        }
-    )
 
 
 # The score the critic states: "... a score of 85", "Score: 85/100", "I would rate it 8 out of 10",

@@ -11,7 +11,9 @@ Usage::
 
 `score_reference(answer, reference, answer_type=None)` picks one rule from `answer_type` (`numeric`,
 `yes_no`, `short_text`, `long_text`), or infers the type from the reference with `infer_answer_type`;
-`judge_reference` returns the same score with `reason`, non-empty when the answer was ambiguous.
+`judge_reference` returns the same score with `reason`, non-empty when the answer was ambiguous;
+`reference_scores(rows)` scores a table of answers (the eval stage's Ray Data step: this module imports no
+torch, so a fresh worker scores at once).
 
 - `numeric` (`numeric_score`): ChartQA-style relaxed accuracy, 100 or 0. One number is read from each
   side (`read_number`) and they match when |answer - reference| <= 5% of |reference| (inclusive; exact
@@ -66,6 +68,8 @@ import re
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass
+
+import pandas as pd
 
 ANSWER_TYPES = ("numeric", "yes_no", "short_text", "long_text")
 RELATIVE_TOLERANCE = 0.05
@@ -588,3 +592,22 @@ def judge_reference(answer: str | None, reference: str, answer_type: str | None 
 def score_reference(answer: str | None, reference: str, answer_type: str | None = None) -> float:
     """0-100 score of `answer` against `reference` by the rule for `answer_type` (inferred when None)."""
     return judge_reference(answer, reference, answer_type).score
+
+
+def reference_scores(rows: pd.DataFrame) -> pd.DataFrame:
+    """``reference/score``, ``reference/raw`` (the rule used) and ``reference/ambiguous`` for every answer.
+
+    ``reference/ambiguous`` is True where the answer offers competing readings ("30 or 40", "yes and no"); such
+    a row is still scored, by its first reading (see :mod:`vlm_posttrain.reference`).
+    """
+    judged = [
+        judge_reference(a, r, t or None)
+        for a, r, t in zip(rows["answer"], rows["reference"], rows["answer_type"], strict=True)
+    ]
+    return rows.assign(
+        **{
+            "reference/score": [j.score for j in judged],
+            "reference/raw": rows["answer_type"].fillna(""),
+            "reference/ambiguous": pd.Series([j.ambiguous for j in judged], index=rows.index, dtype=bool),
+        }
+    )
